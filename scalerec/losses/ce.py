@@ -1,7 +1,10 @@
 """Exact full-softmax cross-entropy.
 
-``ce`` never holds the [N, C] logits: it walks query chunks in the forward (keeping only the per-query
-log-sum-exp) and recomputes each chunk's softmax in the backward, so memory is O(chunk · C + N + C·d).
+``ce`` never holds the [N, C] logits. Its default implementation is the C++ op ``blockwise_ce``
+(``scalerec/ops/blockwise_ce.py``): an online log-sum-exp over catalog tiles in the forward and a backward
+that recomputes each tile, so memory is O(N + C) besides the table and its gradient (Cut Cross-Entropy's idea).
+``impl="chunked"`` selects the pure-PyTorch version below, which walks query chunks instead (memory
+O(chunk · C)); it is the reference the op is tested against at scale.
 ``ce_full`` is the naive materialised version, kept only as a baseline for benchmarks and tests.
 """
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from scalerec.losses.registry import register_loss
+from scalerec.ops.blockwise_ce import DEFAULT_TILE, blockwise_ce
 
 
 class _ChunkedCE(torch.autograd.Function):
@@ -53,10 +57,23 @@ def chunked_ce(hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
     return _ChunkedCE.apply(hidden, table, targets, int(chunk_size))
 
 
-@register_loss("ce", defaults={"chunk_size": 1024})
-def ce_loss(hidden, table, targets, chunk_size=1024):
-    """Exact full-catalog softmax CE, computed in query chunks (never the [N, C] logits)."""
-    return chunked_ce(hidden, table, targets, chunk_size)
+_CE_IMPLS = ("blockwise", "chunked")
+
+
+@register_loss("ce", defaults={"impl": "blockwise", "tile": DEFAULT_TILE, "chunk_size": 1024})
+def ce_loss(hidden, table, targets, impl="blockwise", tile=DEFAULT_TILE, chunk_size=1024):
+    """Exact full-catalog softmax CE, never the [N, C] logits.
+
+    ``impl="blockwise"`` (default): the C++ op, catalog tiles of ``tile`` rows, O(N + C) memory.
+    ``impl="chunked"``: pure PyTorch, query chunks of ``chunk_size`` rows, O(chunk_size · C) memory.
+    """
+    if impl == "blockwise":
+        if tile <= 0:
+            raise ValueError(f"ce: tile must be positive, got {tile}")
+        return blockwise_ce(hidden, table, targets, row_start=1, tile=int(tile)).mean()
+    if impl == "chunked":
+        return chunked_ce(hidden, table, targets, chunk_size)
+    raise ValueError(f"ce: impl must be one of {_CE_IMPLS}, got {impl!r}")
 
 
 @register_loss("ce_full", defaults={})
