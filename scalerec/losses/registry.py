@@ -99,6 +99,8 @@ def get_loss(name: str, **params: Any) -> Callable[[torch.Tensor, Any, torch.Ten
 
 
 def _checked_call(fn: LossFn, name: str, params: dict[str, Any], hidden, item_table, targets) -> torch.Tensor:
+    if getattr(item_table, "is_sharded_item_table", False):  # row-sharded table: scalerec/losses/distributed.py
+        return item_table.dispatch_loss(name, fn, params, hidden, targets)
     table = item_table.weight if isinstance(item_table, torch.nn.Embedding) else item_table
     if isinstance(table, torch.Tensor):
         if hidden.dim() != 2 or table.dim() != 2 or hidden.size(1) != table.size(1):

@@ -1,0 +1,228 @@
+"""Losses over a row-sharded item table (``ShardedItemTable``): each rank scores against its own rows.
+
+The contract: with W ranks, each holding its own slice of the queries, and the same random state on every
+rank, the loss (the mean over all W slices) and its gradients — for each rank's ``hidden`` and for each
+table row (on its owner) — equal the single-process loss on the concatenated batch and the dense table.
+
+* ``ce``: queries are all-gathered; every rank computes a per-query partial (max, sum-exp) over its shard
+  tile by tile (fp32), one all-reduce of the max and one of the rescaled sums give the exact log-sum-exp; the
+  positive rows come from their owners. Row gradients stay on their owners; the query gradient is the sum of
+  the ranks' partial products (one all-reduce).
+* ``sce``: the bucket directions come from the common random state (identical on every rank); each rank
+  takes its local per-bucket top-``b_y`` streamed over its shard, the global top-``b_y`` per bucket is merged
+  from the ranks' candidates (one all-gather of ``n_b x b_y`` scores and ids), the candidate and positive
+  rows are fetched from their owners; then the single-process SCE runs on those rows.
+* ``ce_sampled``: the negatives are drawn from the common random state; their rows come from the owners.
+
+Every function computes the gradients eagerly in its forward (all collectives happen there), so the
+backward pass needs no communication: it only scales the stored gradients by the incoming one and hands the
+row gradients to their owners' row-sparse optimizer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from scalerec.losses.registry import sample_uniform_negatives
+from scalerec.models import collectives as coll
+
+
+class _EagerLoss(torch.autograd.Function):
+    """Wraps a ``compute(H_all, T_all) -> (loss, grad_H_all, [(ids, grad_rows)], local_grads)`` result.
+
+    ``hidden`` is this rank's slice; ``anchor`` is the table's dummy leaf so the table receives gradients even
+    when ``hidden`` needs none. The backward returns this rank's rows of the query gradient and pushes the row
+    gradients (replicated ones filtered to their owner, local ones as they are) into the table.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, anchor, table, targets, compute: Callable):
+        need_grad = hidden.requires_grad or anchor.requires_grad
+        H, sizes = coll.all_gather_varlen(hidden.detach().float(), table.group)
+        T, _ = coll.all_gather_varlen(targets, table.group, sizes=sizes)
+        loss, gH, repl, local = compute(H, T, table, need_grad)
+        off = sum(sizes[: table.rank])
+        ctx.table = table
+        ctx.gH = gH[off : off + hidden.size(0)] if gH is not None else None
+        ctx.repl, ctx.local = repl, local
+        ctx.hidden_dtype = hidden.dtype
+        return loss.detach().to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        table = ctx.table
+        g = g.float()
+        for ids, rows in ctx.repl or ():
+            table.add_replicated_grad(ids, rows * g)
+        for idx, rows in ctx.local or ():
+            table.accumulate_local(idx, rows * g)
+        gh = (ctx.gH * g).to(ctx.hidden_dtype) if ctx.gH is not None else None
+        return gh, None, None, None, None
+
+
+def _apply(hidden, table, targets, compute):
+    return _EagerLoss.apply(hidden, table._anchor, table, targets, compute)
+
+
+# ---------------------------------------------------------------------------------------------- ce
+def dist_ce(hidden, table, targets, impl="blockwise", tile=4096, chunk_size=1024):
+    """Exact full-catalog CE over a row-sharded table (``impl``/``chunk_size`` accepted for config parity)."""
+    if int(tile) <= 0:
+        raise ValueError(f"ce: tile must be positive, got {tile}")
+    tile = int(tile)
+
+    def compute(H, T, table, need_grad):
+        N = H.size(0)
+        m = torch.full((N,), -math.inf)
+        s = torch.zeros(N)
+        for _, _, rows in table.tiles(tile):
+            logits = H @ rows.t()
+            new_m = torch.maximum(m, logits.max(1).values)
+            s = s * torch.exp(m - new_m) + torch.exp(logits - new_m.unsqueeze(1)).sum(1)
+            m = new_m
+        M = coll.all_reduce(m.clone(), "max", table.group)
+        s = torch.where(torch.isfinite(m), s * torch.exp(m - M), torch.zeros_like(s))
+        lse = M + torch.log(coll.all_reduce(s, "sum", table.group))
+        t_rows = table.gather_replicated(T)
+        loss = (lse - (H * t_rows).sum(1)).mean()
+        if not need_grad:
+            return loss, None, None, None
+        gH = torch.zeros_like(H)
+        g_local = torch.empty(table.n_local, table.dim)
+        for a, b, rows in table.tiles(tile):
+            p = torch.exp(H @ rows.t() - lse.unsqueeze(1)).div_(N)
+            gH.addmm_(p, rows)
+            g_local[a:b] = p.t() @ H
+        coll.all_reduce(gH, "sum", table.group)
+        gH -= t_rows / N
+        return loss, gH, [(T, -H / N)], [(torch.arange(table.n_local), g_local)]
+
+    return _apply(hidden, table, targets, compute)
+
+
+# ---------------------------------------------------------------------------------------------- sce
+def sce_directions(H: torch.Tensor, n_buckets: int, mix_x: bool) -> torch.Tensor:
+    """``[d, n_b]`` bucket directions from the global random state (random mixes of the queries with mix_x)."""
+    if mix_x:
+        return H.t() @ torch.randn(H.size(0), n_buckets) / math.sqrt(H.size(0))
+    return torch.randn(H.size(1), n_buckets)
+
+
+def local_bucket_topk(table, omega: torch.Tensor, k: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's top-``k`` items per bucket by ``<omega_b, y>``, streamed over its shard in tiles."""
+    n_b = omega.size(1)
+    best_s = torch.full((n_b, 0), -math.inf)
+    best_i = torch.zeros((n_b, 0), dtype=torch.long)
+    for a, b, rows in table.tiles(tile):
+        sc = omega.t() @ rows.t()
+        ids = table.local_ids(a, b).unsqueeze(0).expand(n_b, -1)
+        cat_s, cat_i = torch.cat([best_s, sc], 1), torch.cat([best_i, ids], 1)
+        kk = min(k, cat_s.size(1))
+        best_s, pos = torch.topk(cat_s, kk, dim=1)
+        best_i = torch.gather(cat_i, 1, pos)
+    return best_s, best_i
+
+
+def global_bucket_topk(table, omega: torch.Tensor, k: int, tile: int) -> torch.Tensor:
+    """The global top-``k`` item ids per bucket ``[n_b, k]``: local top-k merged across ranks."""
+    s, i = local_bucket_topk(table, omega, k, tile)
+    n_b = omega.size(1)
+    pad = k - s.size(1)  # a shard smaller than k
+    if pad:
+        s = torch.cat([s, torch.full((n_b, pad), -math.inf)], 1)
+        i = torch.cat([i, torch.zeros((n_b, pad), dtype=torch.long)], 1)
+    if table.world_size > 1:
+        S, _ = coll.all_gather_varlen(s.t().contiguous(), table.group)  # [W * k, n_b]
+        I, _ = coll.all_gather_varlen(i.t().contiguous(), table.group)
+        s, i = S.t(), I.t()
+    top_s, pos = torch.topk(s, k, dim=1)
+    return torch.gather(i, 1, pos)
+
+
+def sce_on_candidates(H, T, x_ind, y_ids, rows, y_loc, t_loc):
+    """Single-process SCE given the selection: ``x_ind [n_b, b_x]`` query ids, ``y_ids [n_b, b_y]`` item ids,
+    ``rows`` the candidate rows with ``y_loc``/``t_loc`` positions of the bucket items / positives in it."""
+    N = H.size(0)
+    xb = H[x_ind]  # [n_b, b_x, d]
+    yb = rows[y_loc]  # [n_b, b_y, d]
+    wrong = torch.bmm(xb, yb.transpose(1, 2))  # [n_b, b_x, b_y]
+    pos = (H * rows[t_loc]).sum(-1)  # [N]
+    wrong = wrong.masked_fill(y_ids.unsqueeze(1) == T[x_ind].unsqueeze(2), -math.inf)
+    pos_b = pos[x_ind].unsqueeze(-1)
+    per = torch.logsumexp(torch.cat([pos_b, wrong], -1), -1) - pos_b.squeeze(-1)  # [n_b, b_x]
+    per_query = torch.zeros(N).scatter_reduce(0, x_ind.reshape(-1), per.reshape(-1), "amax", include_self=False)
+    return per_query.sum() / N
+
+
+def dist_sce(hidden, table, targets, n_buckets=64, bucket_size_x=64, bucket_size_y=256, mix_x=False, tile=65536):
+    for k, v in (("n_buckets", n_buckets), ("bucket_size_x", bucket_size_x), ("bucket_size_y", bucket_size_y)):
+        if int(v) <= 0:
+            raise ValueError(f"sce: {k} must be positive, got {v}")
+
+    def compute(H, T, table, need_grad):
+        N = H.size(0)
+        with torch.no_grad():
+            omega = sce_directions(H, int(n_buckets), bool(mix_x))
+            x_ind = torch.topk(omega.t() @ H.t(), min(int(bucket_size_x), N), dim=1).indices
+            y_ids = global_bucket_topk(table, omega, min(int(bucket_size_y), table.num_items), int(tile))
+        return _on_rows(H, T, table, need_grad, torch.cat([y_ids.reshape(-1), T]),
+                        lambda Hl, rows, loc: sce_on_candidates(Hl, T, x_ind, y_ids, rows,
+                                                                loc[: y_ids.numel()].view_as(y_ids),
+                                                                loc[y_ids.numel():]))
+
+    return _apply(hidden, table, targets, compute)
+
+
+def _on_rows(H, T, table, need_grad, want: torch.Tensor, fn):
+    """Fetch the rows of ``want`` from their owners, run ``fn(H, rows, positions_of_want)`` with autograd."""
+    ids, loc = torch.unique(want, return_inverse=True)
+    rows = table.gather_replicated(ids)
+    if not need_grad:
+        return fn(H, rows, loc), None, None, None
+    with torch.enable_grad():
+        Hl, rl = H.clone().requires_grad_(True), rows.requires_grad_(True)
+        loss = fn(Hl, rl, loc)
+        gH, gR = torch.autograd.grad(loss, [Hl, rl])
+    return loss, gH, [(ids, gR)], None
+
+
+# ---------------------------------------------------------------------------------------------- ce_sampled
+def dist_ce_sampled(hidden, table, targets, num_negatives=256, sampling="uniform", logq_correction=True):
+    C = table.num_items
+
+    def compute(H, T, table, need_grad):
+        N = H.size(0)
+        if sampling == "uniform":
+            if num_negatives <= 0:
+                raise ValueError(f"ce_sampled: num_negatives must be positive, got {num_negatives}")
+            neg_ids = sample_uniform_negatives((N, int(num_negatives)), C, H.device)
+        elif sampling == "in_batch":
+            neg_ids = T.unsqueeze(0).expand(N, N)
+        else:
+            raise ValueError(f"ce_sampled: sampling must be 'uniform' or 'in_batch', got {sampling!r}")
+
+        def fn(Hl, rows, loc):
+            t_rows = rows[loc[:N]]
+            pos = (Hl * t_rows).sum(-1, keepdim=True)
+            if sampling == "uniform":
+                neg = torch.einsum("nd,nkd->nk", Hl, rows[loc[N:].view_as(neg_ids)])
+                if logq_correction:
+                    neg = neg - math.log(num_negatives / C)
+            else:
+                neg = Hl @ t_rows.t()
+                if logq_correction:
+                    _, inv, counts = torch.unique(T, return_inverse=True, return_counts=True)
+                    neg = neg - torch.log(counts[inv].to(neg.dtype)).unsqueeze(0)
+            neg = neg.masked_fill(neg_ids == T.unsqueeze(1), -math.inf)
+            return F.cross_entropy(torch.cat([pos, neg], 1), torch.zeros(N, dtype=torch.long))
+
+        want = torch.cat([T, neg_ids.reshape(-1)]) if sampling == "uniform" else T
+        return _on_rows(H, T, table, need_grad, want, fn)
+
+    return _apply(hidden, table, targets, compute)
+
+
+DISTRIBUTED_LOSSES: dict[str, Callable] = {"ce": dist_ce, "sce": dist_sce, "ce_sampled": dist_ce_sampled}
