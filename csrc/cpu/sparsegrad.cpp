@@ -1,0 +1,187 @@
+// SparseGrad kernels (CPU).
+//
+// sparsegrad_topk_grad(grad_out [N,O], x [N,I], u_out [O,O]?, u_in [I,I]?, k) -> (indices [k] int64, values [k])
+//   The weight gradient of y = x W^T + b, rotated into the SparseGrad basis, G~ = U_out^T (grad_out^T x) U_in,
+//   reduced to its k entries of largest magnitude. `indices` are flat row-major positions in the [O, I] matrix,
+//   sorted ascending (so they form a coalesced COO index); `values` are the gradient entries there. Without
+//   u_out / u_in the rotation is the identity on that side (MeProp: top-k in the original basis). The product
+//   order is chosen by cost: (grad_out^T x) first and then the rotations when N is large, the rotated operands
+//   (grad_out U_out)^T (x U_in) when N is small. Selection is O(O*I): one nth_element per thread chunk, then a
+//   merge, never a full sort.
+//
+// sparsegrad_rotated_update_(weight [O,I], u_out [O,O], u_in [I,I], indices [k], delta [k]) -> ()
+//   In place: weight += U_out D U_in^T, where D is the sparse [O, I] matrix with D.flat[indices] = delta.
+//   A sparse-by-dense product: D U_in^T only touches the |R| rows of D that hold an entry (k*I work), then one
+//   dense GEMM [O,|R|] x [|R|,I]; or the transposed route through the |C| touched columns when |C| < |R|.
+//   Cost O*I*min(|R|,|C|) + k*max(O,I), against O*I*(O+I) for re-forming U_out W~ U_in^T.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace scalerec {
+
+namespace {
+
+void check_rotation(const std::optional<at::Tensor>& u, int64_t n, const char* name, const at::Tensor& like) {
+  if (!u.has_value()) return;
+  TORCH_CHECK(u->dim() == 2 && u->size(0) == n && u->size(1) == n, "sparsegrad: ", name, " must be [", n, ", ", n,
+              "], got shape ", u->sizes());
+  TORCH_CHECK(u->scalar_type() == like.scalar_type(), "sparsegrad: ", name, " dtype ", u->scalar_type(),
+              " differs from the input dtype ", like.scalar_type());
+  TORCH_CHECK(u->device() == like.device(), "sparsegrad: ", name, " is on another device");
+}
+
+// Rotated weight gradient G~ = U_out^T grad_out^T x U_in, [O, I].
+at::Tensor rotated_weight_grad(const at::Tensor& g, const at::Tensor& x, const std::optional<at::Tensor>& u_out,
+                               const std::optional<at::Tensor>& u_in) {
+  const int64_t N = g.size(0), O = g.size(1), I = x.size(1);
+  const double direct = double(N) * O * I + (u_out ? double(O) * O * I : 0.0) + (u_in ? double(O) * I * I : 0.0);
+  const double rotated_first = double(N) * O * I + (u_out ? double(N) * O * O : 0.0) + (u_in ? double(N) * I * I : 0.0);
+  if (direct <= rotated_first) {
+    at::Tensor G = at::mm(g.t(), x);                 // [O, I]
+    if (u_out) G = at::mm(u_out->t(), G);
+    if (u_in) G = at::mm(G, *u_in);
+    return G;
+  }
+  const at::Tensor gr = u_out ? at::mm(g, *u_out) : g;   // [N, O]
+  const at::Tensor xr = u_in ? at::mm(x, *u_in) : x;     // [N, I]
+  return at::mm(gr.t(), xr);
+}
+
+template <typename scalar_t>
+void topk_abs(const scalar_t* v, int64_t n, int64_t k, int64_t* out_idx, scalar_t* out_val) {
+  // 1) threshold = k-th largest |v|, by nth_element on a copy of the magnitudes.
+  std::vector<scalar_t> mag(n);
+  at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) mag[i] = std::abs(v[i]);
+  });
+  std::nth_element(mag.begin(), mag.begin() + (k - 1), mag.end(), std::greater<scalar_t>());
+  const scalar_t thr = mag[k - 1];
+  // 2) count entries strictly above the threshold: the rest of the k are ties at the threshold, taken in index
+  //    order so the selection is deterministic.
+  int64_t above = 0;
+  for (int64_t i = 0; i < k; ++i) above += mag[i] > thr;
+  int64_t ties = k - above;
+  mag.clear();
+  mag.shrink_to_fit();
+  int64_t pos = 0;
+  for (int64_t i = 0; i < n && pos < k; ++i) {
+    const scalar_t a = std::abs(v[i]);
+    if (a > thr || (a == thr && ties > 0)) {
+      if (!(a > thr)) --ties;
+      out_idx[pos] = i;
+      out_val[pos] = v[i];
+      ++pos;
+    }
+  }
+  TORCH_CHECK(pos == k, "sparsegrad: internal error in top-k selection (", pos, " of ", k, ")");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> sparsegrad_topk_grad_cpu(const at::Tensor& grad_out_, const at::Tensor& x_,
+                                                            const std::optional<at::Tensor>& u_out_,
+                                                            const std::optional<at::Tensor>& u_in_, int64_t k) {
+  TORCH_CHECK(grad_out_.dim() == 2, "sparsegrad_topk_grad: grad_out must be [N, O], got shape ", grad_out_.sizes());
+  TORCH_CHECK(x_.dim() == 2, "sparsegrad_topk_grad: x must be [N, I], got shape ", x_.sizes());
+  TORCH_CHECK(grad_out_.size(0) == x_.size(0), "sparsegrad_topk_grad: grad_out has N=", grad_out_.size(0),
+              " but x has N=", x_.size(0));
+  TORCH_CHECK(grad_out_.scalar_type() == x_.scalar_type(), "sparsegrad_topk_grad: grad_out and x dtypes differ");
+  const int64_t O = grad_out_.size(1), I = x_.size(1);
+  check_rotation(u_out_, O, "u_out", x_);
+  check_rotation(u_in_, I, "u_in", x_);
+  TORCH_CHECK(k >= 1 && k <= O * I, "sparsegrad_topk_grad: k must be in [1, ", O * I, "], got ", k);
+  std::optional<at::Tensor> u_out, u_in;
+  if (u_out_) u_out = u_out_->contiguous();
+  if (u_in_) u_in = u_in_->contiguous();
+  at::Tensor G = rotated_weight_grad(grad_out_, x_, u_out, u_in).contiguous();
+  auto idx = at::empty({k}, x_.options().dtype(at::kLong));
+  auto val = at::empty({k}, x_.options());
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "sparsegrad_topk_grad_cpu", [&] {
+    topk_abs<scalar_t>(G.data_ptr<scalar_t>(), O * I, k, idx.data_ptr<int64_t>(), val.data_ptr<scalar_t>());
+  });
+  return {idx, val};
+}
+
+void sparsegrad_rotated_update_cpu(const at::Tensor& weight, const at::Tensor& u_out_, const at::Tensor& u_in_,
+                                   const at::Tensor& indices_, const at::Tensor& delta_) {
+  TORCH_CHECK(weight.dim() == 2, "sparsegrad_rotated_update_: weight must be [O, I], got shape ", weight.sizes());
+  const int64_t O = weight.size(0), I = weight.size(1);
+  check_rotation(u_out_, O, "u_out", weight);
+  check_rotation(u_in_, I, "u_in", weight);
+  TORCH_CHECK(indices_.dim() == 1 && delta_.dim() == 1 && indices_.size(0) == delta_.size(0),
+              "sparsegrad_rotated_update_: indices and delta must be 1-D of one length, got ", indices_.sizes(), " and ",
+              delta_.sizes());
+  TORCH_CHECK(indices_.scalar_type() == at::kLong, "sparsegrad_rotated_update_: indices must be int64");
+  TORCH_CHECK(delta_.scalar_type() == weight.scalar_type(), "sparsegrad_rotated_update_: delta dtype differs from weight");
+  const int64_t k = indices_.size(0);
+  if (k == 0) return;
+  auto indices = indices_.contiguous();
+  auto delta = delta_.contiguous();
+  {
+    const int64_t lo = indices.min().item<int64_t>(), hi = indices.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < O * I, "sparsegrad_rotated_update_: index out of range [0, ", O * I, "): min ", lo,
+                ", max ", hi);
+  }
+  const int64_t* ip = indices.data_ptr<int64_t>();
+  // Distinct rows and columns holding an entry.
+  std::vector<int64_t> row_slot(O, -1), col_slot(I, -1);
+  std::vector<int64_t> rows, cols;
+  for (int64_t p = 0; p < k; ++p) {
+    const int64_t r = ip[p] / I, c = ip[p] % I;
+    if (row_slot[r] < 0) { row_slot[r] = (int64_t)rows.size(); rows.push_back(r); }
+    if (col_slot[c] < 0) { col_slot[c] = (int64_t)cols.size(); cols.push_back(c); }
+  }
+  const bool by_rows = rows.size() <= cols.size();
+  // by rows:    weight      += U_out[:, R] @ T,   T[s, :] = sum_{(r_s, c)} d * U_in[:, c]^T     ([|R|, I])
+  // by columns: weight^T    += U_in[:, C] @ T,   T[s, :] = sum_{(r, c_s)} d * U_out[:, r]^T    ([|C|, O])
+  const at::Tensor& a = by_rows ? u_in_ : u_out_;   // side multiplied in the sparse step
+  const at::Tensor& b = by_rows ? u_out_ : u_in_;   // side of the dense GEMM
+  const auto& slot = by_rows ? row_slot : col_slot;
+  const int64_t S = by_rows ? (int64_t)rows.size() : (int64_t)cols.size();
+  const int64_t L = by_rows ? I : O;  // length of a T row
+  auto aT = a.t().contiguous();       // row j of aT = column j of a
+  auto T = at::zeros({S, L}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparsegrad_rotated_update_cpu", [&] {
+    const scalar_t* dp = delta.data_ptr<scalar_t>();
+    const scalar_t* ap = aT.data_ptr<scalar_t>();
+    scalar_t* tp = T.data_ptr<scalar_t>();
+    // Each thread owns a range of T rows and scans the entries: no write races.
+    at::parallel_for(0, S, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t p = 0; p < k; ++p) {
+        const int64_t r = ip[p] / I, c = ip[p] % I;
+        const int64_t s = slot[by_rows ? r : c];
+        if (s < lo || s >= hi) continue;
+        const scalar_t d = dp[p];
+        const scalar_t* arow = ap + (by_rows ? c : r) * L;
+        scalar_t* trow = tp + s * L;
+        for (int64_t j = 0; j < L; ++j) trow[j] += d * arow[j];
+      }
+    });
+  });
+  auto sel = at::tensor(by_rows ? rows : cols, indices.options());
+  auto bsel = b.index_select(1, sel);  // [O, |R|] or [I, |C|]
+  if (by_rows) {
+    weight.addmm_(bsel, T);
+  } else {
+    auto wt = weight.t();
+    wt.addmm_(bsel, T);
+  }
+}
+
+TORCH_LIBRARY_FRAGMENT(scalerec, m) {
+  m.def("sparsegrad_topk_grad(Tensor grad_out, Tensor x, Tensor? u_out, Tensor? u_in, int k) -> (Tensor, Tensor)");
+  m.def("sparsegrad_rotated_update_(Tensor(a!) weight, Tensor u_out, Tensor u_in, Tensor indices, Tensor delta) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(scalerec, CPU, m) {
+  m.impl("sparsegrad_topk_grad", &sparsegrad_topk_grad_cpu);
+  m.impl("sparsegrad_rotated_update_", &sparsegrad_rotated_update_cpu);
+}
+
+}  // namespace scalerec

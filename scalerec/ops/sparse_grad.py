@@ -1,0 +1,115 @@
+"""SparseGrad ops: the rotated top-k weight gradient and the sparse-by-dense update of the forward weight.
+
+``sparsegrad_topk_grad(grad_out, x, u_out, u_in, k)`` returns the ``k`` largest-magnitude entries of the
+rotated weight gradient ``G~ = U_outᵀ (grad_outᵀ x) U_in`` as (flat indices sorted ascending, values): the
+backward of a SparseGrad linear layer (with ``u_out = u_in = None`` it is MeProp's top-k in the original
+basis). ``sparsegrad_rotated_update_(weight, u_out, u_in, indices, delta)`` adds ``U_out D U_inᵀ`` to
+``weight`` in place, ``D`` being the sparse matrix with ``D.flat[indices] = delta``: it keeps the dense
+forward weight ``W = U_out W~ U_inᵀ`` in step with a sparse change of ``W~`` without re-forming it.
+
+``sparse_linear`` is the differentiable face: ``y = x Wᵀ + b`` whose backward returns an exact input
+gradient, the ordinary bias gradient and a sparse (COO) gradient for the rotated weight ``W~`` holding only
+the top-k entries. Each op has a pure-PyTorch reference (``*_reference``) that the tests compare against.
+"""
+from __future__ import annotations
+
+import torch
+
+from scalerec.ops._lib import load_extension
+
+load_extension()
+
+
+# --------------------------------------------------------------------------- fake (meta) kernels
+@torch.library.register_fake("scalerec::sparsegrad_topk_grad")
+def _topk_grad_fake(grad_out, x, u_out, u_in, k):
+    torch._check(grad_out.dim() == 2 and x.dim() == 2)
+    torch._check(1 <= k <= grad_out.shape[1] * x.shape[1])
+    return x.new_empty((k,), dtype=torch.long), x.new_empty((k,))
+
+
+@torch.library.register_fake("scalerec::sparsegrad_rotated_update_")
+def _rotated_update_fake(weight, u_out, u_in, indices, delta):
+    torch._check(weight.dim() == 2 and indices.dim() == 1 and delta.dim() == 1)
+    return None
+
+
+# --------------------------------------------------------------------------- python faces
+def sparsegrad_topk_grad(grad_out: torch.Tensor, x: torch.Tensor, u_out: torch.Tensor | None,
+                         u_in: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` entries (by magnitude) of ``U_outᵀ grad_outᵀ x U_in``: (flat indices ascending, values)."""
+    return torch.ops.scalerec.sparsegrad_topk_grad(grad_out, x, u_out, u_in, int(k))
+
+
+def sparsegrad_rotated_update_(weight: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor,
+                               indices: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """In place ``weight += U_out D U_inᵀ`` with ``D.flat[indices] = delta`` (sparse); returns ``weight``."""
+    torch.ops.scalerec.sparsegrad_rotated_update_(weight, u_out, u_in, indices, delta)
+    return weight
+
+
+# --------------------------------------------------------------------------- references
+def rotated_weight_grad_reference(grad_out, x, u_out=None, u_in=None):
+    g = grad_out.t() @ x
+    if u_out is not None:
+        g = u_out.t() @ g
+    if u_in is not None:
+        g = g @ u_in
+    return g
+
+
+def sparsegrad_topk_grad_reference(grad_out, x, u_out, u_in, k):
+    """Pure-PyTorch reference: dense rotated gradient, ``torch.topk`` of its magnitudes, indices sorted."""
+    g = rotated_weight_grad_reference(grad_out, x, u_out, u_in).flatten()
+    idx = torch.topk(g.abs(), int(k), sorted=False).indices.sort().values
+    return idx, g[idx]
+
+
+def sparsegrad_rotated_update_reference(weight, u_out, u_in, indices, delta):
+    d = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
+    d.index_add_(0, indices, delta)
+    weight.add_(u_out @ d.view_as(weight) @ u_in.t())
+    return weight
+
+
+# --------------------------------------------------------------------------- the differentiable layer op
+class _SparseLinear(torch.autograd.Function):
+    """y = x W_effᵀ + b, where W_eff = U_out W~ U_inᵀ is passed in already formed (not differentiated).
+
+    Backward: grad_x = grad_y W_eff (exact), grad_b = Σ grad_y, grad_W~ = top-k of U_outᵀ grad_yᵀ x U_in as a
+    sparse COO tensor of W~'s shape.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_rot, bias, w_eff, u_out, u_in, k, use_reference, sparse_grad):
+        ctx.save_for_backward(x, w_eff, u_out, u_in)
+        ctx.k, ctx.use_reference, ctx.w_shape = k, use_reference, w_rot.shape
+        ctx.has_bias, ctx.sparse_grad = bias is not None, sparse_grad
+        return torch.nn.functional.linear(x, w_eff, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w_eff, u_out, u_in = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ w_eff.to(grad_y.dtype)
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
+            fn = sparsegrad_topk_grad_reference if ctx.use_reference else sparsegrad_topk_grad
+            idx, val = fn(g2.contiguous(), x2.contiguous(), u_out, u_in, ctx.k)
+            cols = ctx.w_shape[1]
+            coords = torch.stack([idx // cols, idx % cols])
+            grad_w = torch.sparse_coo_tensor(coords, val, ctx.w_shape, is_coalesced=True, check_invariants=False)
+            if not ctx.sparse_grad:
+                grad_w = grad_w.to_dense()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def sparse_linear(x, w_rot, bias, w_eff, u_out, u_in, k, use_reference: bool = False, sparse_grad: bool = True):
+    """Linear layer with SparseGrad's backward (see module docstring). ``w_eff`` must equal ``U_out w_rot U_inᵀ``
+    (or ``w_rot`` itself when both rotations are None). ``sparse_grad=False`` returns ``w_rot``'s gradient as a
+    dense tensor that is zero outside the top-k entries."""
+    return _SparseLinear.apply(x, w_rot, bias, w_eff, u_out, u_in, int(k), bool(use_reference), bool(sparse_grad))

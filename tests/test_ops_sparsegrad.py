@@ -1,0 +1,107 @@
+"""The SparseGrad ops (C++) against their pure-PyTorch references; gradients of the sparse linear op."""
+import pytest
+import torch
+
+from scalerec.ops.sparse_grad import (sparse_linear, sparsegrad_rotated_update_, sparsegrad_rotated_update_reference,
+                                      sparsegrad_topk_grad, sparsegrad_topk_grad_reference)
+
+
+def _orth(n, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=dtype))[0]
+
+
+@pytest.mark.parametrize("N,O,I,k", [(40, 12, 7, 10), (3, 9, 16, 1), (200, 6, 5, 30)])
+@pytest.mark.parametrize("rotate", [True, False])
+def test_topk_grad_matches_reference(N, O, I, k, rotate):
+    torch.manual_seed(N + O)
+    g, x = torch.randn(N, O, dtype=torch.float64), torch.randn(N, I, dtype=torch.float64)
+    uo, ui = (_orth(O), _orth(I, seed=1)) if rotate else (None, None)
+    idx, val = sparsegrad_topk_grad(g, x, uo, ui, k)
+    ridx, rval = sparsegrad_topk_grad_reference(g, x, uo, ui, k)
+    assert idx.shape == (k,) and val.shape == (k,)
+    assert torch.equal(idx, ridx)
+    torch.testing.assert_close(val, rval)
+    assert bool((idx[1:] > idx[:-1]).all())  # sorted ascending, distinct
+
+
+def test_topk_grad_float32_and_full_k():
+    torch.manual_seed(0)
+    g, x = torch.randn(64, 10), torch.randn(64, 8)
+    uo, ui = _orth(10, torch.float32), _orth(8, torch.float32, 1)
+    idx, val = sparsegrad_topk_grad(g, x, uo, ui, 80)
+    assert torch.equal(idx, torch.arange(80))
+    torch.testing.assert_close(val, (uo.t() @ g.t() @ x @ ui).flatten(), rtol=1e-5, atol=1e-5)
+
+
+def test_topk_grad_rejects_bad_k_and_shapes():
+    g, x = torch.randn(4, 3), torch.randn(4, 2)
+    with pytest.raises(RuntimeError, match="k must be in"):
+        sparsegrad_topk_grad(g, x, None, None, 7)
+    with pytest.raises(RuntimeError, match="u_out must be"):
+        sparsegrad_topk_grad(g, x, torch.eye(2), None, 1)
+
+
+@pytest.mark.parametrize("pattern", ["scattered", "one_row", "one_col"])
+def test_rotated_update_matches_reference(pattern):
+    torch.manual_seed(1)
+    O, I = 11, 7
+    uo, ui = _orth(O), _orth(I, seed=2)
+    w = torch.randn(O, I, dtype=torch.float64)
+    idx = {"scattered": torch.tensor([0, 5, 17, 40, 76]), "one_row": torch.arange(14, 21),
+           "one_col": torch.arange(3, O * I, I)}[pattern]
+    delta = torch.randn(idx.numel(), dtype=torch.float64)
+    a, b = w.clone(), w.clone()
+    sparsegrad_rotated_update_(a, uo, ui, idx, delta)
+    sparsegrad_rotated_update_reference(b, uo, ui, idx, delta)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # and it is the change of W = U_out W~ U_inᵀ for a sparse change of W~
+    wr = uo.t() @ w @ ui
+    wr.view(-1).index_add_(0, idx, delta)
+    torch.testing.assert_close(a, uo @ wr @ ui.t(), rtol=1e-10, atol=1e-10)
+
+
+def test_opcheck():
+    torch.manual_seed(2)
+    g, x = torch.randn(20, 6, dtype=torch.float64), torch.randn(20, 5, dtype=torch.float64)
+    uo, ui = _orth(6), _orth(5, seed=3)
+    torch.library.opcheck(torch.ops.scalerec.sparsegrad_topk_grad.default, (g, x, uo, ui, 7))
+    torch.library.opcheck(torch.ops.scalerec.sparsegrad_topk_grad.default, (g, x, None, None, 3))
+    torch.library.opcheck(torch.ops.scalerec.sparsegrad_rotated_update_.default,
+                          (torch.randn(6, 5, dtype=torch.float64), uo, ui, torch.tensor([1, 8, 29]),
+                           torch.randn(3, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("use_reference", [False, True])
+def test_sparse_linear_gradcheck_density_one(use_reference):
+    """With k = out*in the sparse backward is the exact gradient w.r.t. x, W~ and b of x (U_out W~ U_inᵀ)ᵀ + b."""
+    torch.manual_seed(3)
+    O, I = 5, 4
+    uo, ui = _orth(O), _orth(I, seed=4)
+    x = torch.randn(3, 2, I, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(O, I, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(O, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return sparse_linear(x, w, b, (uo @ w @ ui.t()).detach(), uo, ui, O * I, use_reference, sparse_grad=False)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_sparse_linear_gradient_is_topk_of_rotated_gradient():
+    torch.manual_seed(4)
+    O, I, k = 6, 5, 4
+    uo, ui = _orth(O), _orth(I, seed=5)
+    x = torch.randn(7, I, dtype=torch.float64)
+    w = torch.randn(O, I, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(7, O, dtype=torch.float64)
+    y = sparse_linear(x, w, None, (uo @ w @ ui.t()).detach(), uo, ui, k)
+    y.backward(gy)
+    assert w.grad.is_sparse
+    dense = uo.t() @ gy.t() @ x @ ui
+    got = w.grad.to_dense()
+    top = torch.topk(dense.abs().flatten(), k).indices
+    mask = torch.zeros(O * I, dtype=torch.bool)
+    mask[top] = True
+    torch.testing.assert_close(got.flatten()[mask], dense.flatten()[mask])
+    assert bool((got.flatten()[~mask] == 0).all())
