@@ -1,0 +1,135 @@
+"""``BucketIndex``: SCE's random-bucket search behind the ``MipsIndex`` interface.
+
+SCE (DESIGN.md) finds candidates without an index structure: ``n_buckets`` random directions; for each,
+the top ``bucket_size`` items by inner product, found by streaming over the catalog in tiles with a running
+per-bucket top-k (never ``n_buckets x C`` at once). As an index:
+
+* ``build(table)``: draws the directions (seeded) and computes every bucket's top items.
+* ``search(q, k)``: each query visits its ``n_probe`` best-aligned buckets; the union of their items is
+  rescored exactly against the query and the best ``k`` kept. Recall grows with ``n_probe`` and
+  ``bucket_size``; slots that the visited buckets cannot fill come back as id -1 / score -inf.
+* ``refresh(table)``: recomputes the buckets' items with the same directions.
+
+The per-bucket top-k uses the extension's streaming bucket top-k op when it is available
+(``scalerec.ops.bucket_topk``), else ``ExactIndex`` (the same tiled running top-k in torch).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from scalerec.retrieval.base import MipsIndex, finalize_topk, normalize_exclude
+from scalerec.ops import gather_dot
+from scalerec.retrieval.exact import ExactIndex
+
+
+def _bucket_topk(directions: torch.Tensor, table: torch.Tensor, b: int, tile_size: int) -> torch.Tensor:
+    """Ids (1..C) of the top ``b`` items of rows 1..C of ``table`` for each direction, ``[n_b, b]``."""
+    try:  # the extension's streaming op, once it exists
+        from scalerec.ops import bucket_topk  # type: ignore[attr-defined]
+    except ImportError:
+        bucket_topk = None
+    if bucket_topk is not None:
+        try:
+            _, ids = bucket_topk(directions, table, b)
+            return ids
+        except (TypeError, RuntimeError):  # a different signature: fall back to the torch path
+            pass
+    _, ids = ExactIndex(table, tile_size=tile_size).search(directions, b)
+    return ids
+
+
+class BucketIndex(MipsIndex):
+    """Random-bucket candidate search (SCE) with exact rescoring of the candidates.
+
+    Args:
+        n_buckets: number of random directions.
+        bucket_size: items per bucket (``b_y``).
+        n_probe: buckets each query visits.
+        seed: seed of the directions.
+    """
+
+    def __init__(
+        self,
+        item_table: torch.Tensor | None = None,
+        *,
+        n_buckets: int = 256,
+        bucket_size: int = 256,
+        n_probe: int = 8,
+        seed: int = 0,
+        tile_size: int = 16384,
+    ):
+        if min(n_buckets, bucket_size, n_probe) < 1:
+            raise ValueError(
+                f"BucketIndex: n_buckets, bucket_size, n_probe must be >= 1, got {n_buckets}, {bucket_size}, {n_probe}"
+            )
+        if n_probe > n_buckets:
+            raise ValueError(f"BucketIndex: n_probe={n_probe} exceeds n_buckets={n_buckets}")
+        self.n_buckets, self.bucket_size, self.n_probe = int(n_buckets), int(bucket_size), int(n_probe)
+        self.seed = int(seed)
+        self.tile_size = int(tile_size)
+        self.table: torch.Tensor | None = None
+        self.directions: torch.Tensor | None = None
+        self.bucket_items: torch.Tensor | None = None
+        if item_table is not None:
+            self.build(item_table)
+
+    def build(self, item_table: torch.Tensor) -> "BucketIndex":
+        table = self._check_table(item_table)
+        C, d = table.size(0) - 1, table.size(1)
+        gen = torch.Generator().manual_seed(self.seed)
+        dtype = table.dtype if table.dtype in (torch.float32, torch.float64) else torch.float32
+        self.directions = torch.randn(self.n_buckets, d, generator=gen, dtype=dtype).to(table.device)
+        self.table, self.num_items, self.dim = table, C, d
+        self._fill_buckets()
+        return self
+
+    def _fill_buckets(self) -> None:
+        b = min(self.bucket_size, self.num_items)
+        self.bucket_items = _bucket_topk(self.directions, self.table, b, self.tile_size)
+
+    def refresh(self, item_table: torch.Tensor | None = None) -> "BucketIndex":
+        """Recompute each bucket's items from the (updated) table, keeping the directions."""
+        if item_table is None:
+            self._fill_buckets()
+            return self
+        table = self._check_table(item_table)
+        if self.directions is None or table.shape != self.table.shape:
+            return self.build(table)
+        self.table = table
+        self._fill_buckets()
+        return self
+
+    def memory_bytes(self) -> int:
+        if self.bucket_items is None:
+            return 0
+        return self.bucket_items.numel() * 8 + self.directions.numel() * self.directions.element_size()
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int, exclude: Any = None, query_batch: int = 4096):
+        self._check_search(queries, k)
+        N = queries.size(0)
+        excl = normalize_exclude(exclude, N, self.num_items)
+        dtype = self.directions.dtype
+        q_all = queries.detach().to(self.table.device, dtype)
+        out_s, out_i = [], []
+        for q0 in range(0, N, query_batch):
+            q = q_all[q0 : q0 + query_batch]
+            probe = torch.topk(q @ self.directions.t(), self.n_probe, dim=1).indices  # [n, n_probe]
+            cand = self.bucket_items[probe].reshape(q.size(0), -1)  # [n, n_probe * b]
+            cand, _ = torch.sort(cand, dim=1)
+            dup = torch.zeros_like(cand, dtype=torch.bool)
+            dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
+            cand = cand.masked_fill(dup, -1)
+            safe = cand.clamp(min=0)
+            table = self.table if self.table.dtype == dtype else self.table.to(dtype)
+            scores = gather_dot(q.contiguous(), table, safe)  # no [n, K, d] gather
+            if cand.size(1) < k:  # fewer candidates than asked: pad with empty slots
+                pad = k - cand.size(1)
+                cand = torch.cat([cand, cand.new_full((q.size(0), pad), -1)], 1)
+                scores = torch.cat([scores, scores.new_full((q.size(0), pad), float("-inf"))], 1)
+            s, i = finalize_topk(scores, cand, k, excl, row_offset=q0, presorted=False)
+            out_s.append(s)
+            out_i.append(i)
+        return torch.cat(out_s), torch.cat(out_i)
