@@ -1,0 +1,124 @@
+// bucket_topk(directions [B, d], table [C, d], k, row_start, tile) -> (values [B, k], indices [B, k]):
+// for each direction, the k rows of table[row_start:] with the largest inner product, sorted by decreasing
+// score (ties: smaller row id first). The table is streamed in tiles of `tile` rows: each task keeps a running
+// min-heap of size k per direction and scores one [B, tile] block at a time, so [B, C] is never held.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+namespace scalerec {
+
+namespace {
+
+template <typename scalar_t>
+struct Cand {
+  scalar_t val;
+  int64_t idx;
+};
+
+// "a ranks before b": larger score first, then smaller row id
+template <typename scalar_t>
+inline bool ranks_before(const Cand<scalar_t>& a, const Cand<scalar_t>& b) {
+  return a.val > b.val || (a.val == b.val && a.idx < b.idx);
+}
+
+template <typename scalar_t>
+struct TopK {
+  // heap ordered so that the worst kept candidate is on top (std heaps put the "largest" first, and
+  // ranks_before makes a better candidate "smaller")
+  std::vector<Cand<scalar_t>> heap;
+  int64_t k;
+  explicit TopK(int64_t k_) : k(k_) { heap.reserve(k_); }
+  inline void offer(scalar_t v, int64_t i) {
+    Cand<scalar_t> c{v, i};
+    if ((int64_t)heap.size() < k) {
+      heap.push_back(c);
+      std::push_heap(heap.begin(), heap.end(), ranks_before<scalar_t>);
+    } else if (ranks_before(c, heap.front())) {
+      std::pop_heap(heap.begin(), heap.end(), ranks_before<scalar_t>);
+      heap.back() = c;
+      std::push_heap(heap.begin(), heap.end(), ranks_before<scalar_t>);
+    }
+  }
+};
+
+}  // namespace
+
+static void bucket_topk_check(const at::Tensor& dirs, const at::Tensor& table, int64_t k, int64_t row_start,
+                              int64_t tile) {
+  TORCH_CHECK(dirs.dim() == 2, "bucket_topk: directions must be [B, d], got shape ", dirs.sizes());
+  TORCH_CHECK(table.dim() == 2, "bucket_topk: table must be [C, d], got shape ", table.sizes());
+  TORCH_CHECK(dirs.size(1) == table.size(1), "bucket_topk: directions have d=", dirs.size(1), " but table has d=",
+              table.size(1));
+  TORCH_CHECK(dirs.scalar_type() == table.scalar_type(), "bucket_topk: directions and table dtypes differ (",
+              dirs.scalar_type(), " vs ", table.scalar_type(), ")");
+  TORCH_CHECK(dirs.scalar_type() == at::kFloat || dirs.scalar_type() == at::kDouble,
+              "bucket_topk: inputs must be float32 or float64, got ", dirs.scalar_type());
+  TORCH_CHECK(dirs.device() == table.device(), "bucket_topk: directions and table must be on one device");
+  TORCH_CHECK(row_start >= 0 && row_start <= table.size(0), "bucket_topk: row_start must lie in [0, C=",
+              table.size(0), "], got ", row_start);
+  TORCH_CHECK(k >= 1 && k <= table.size(0) - row_start, "bucket_topk: k must lie in [1, ", table.size(0) - row_start,
+              "] (the rows from row_start=", row_start, "), got ", k);
+  TORCH_CHECK(tile > 0, "bucket_topk: tile must be positive, got ", tile);
+}
+
+std::tuple<at::Tensor, at::Tensor> bucket_topk_cpu(const at::Tensor& dirs_, const at::Tensor& table_, int64_t k,
+                                                   int64_t row_start, int64_t tile) {
+  bucket_topk_check(dirs_, table_, k, row_start, tile);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto dirs = dirs_.contiguous(), table = table_.contiguous();
+  const int64_t B = dirs.size(0), C = table.size(0);
+  auto values = at::empty({B, k}, dirs.options());
+  auto indices = at::empty({B, k}, dirs.options().dtype(at::kLong));
+  if (B == 0) return {values, indices};
+  const int64_t n_tiles = (C - row_start + tile - 1) / tile;
+  AT_DISPATCH_FLOATING_TYPES(dirs.scalar_type(), "bucket_topk_cpu", [&] {
+    using Heaps = std::vector<TopK<scalar_t>>;
+    std::vector<Heaps> partial;  // one set of B heaps per task
+    std::mutex mu;
+    at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      Heaps heaps(B, TopK<scalar_t>(k));
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c0 = row_start + t * tile, cn = std::min(tile, C - c0);
+        auto scores = at::mm(dirs, table.narrow(0, c0, cn).t()).contiguous();  // [B, cn]: one tile
+        const scalar_t* sp = scores.data_ptr<scalar_t>();
+        for (int64_t b = 0; b < B; ++b) {
+          auto& h = heaps[b];
+          const scalar_t* row = sp + b * cn;
+          for (int64_t j = 0; j < cn; ++j) h.offer(row[j], c0 + j);
+        }
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      partial.push_back(std::move(heaps));
+    });
+    scalar_t* vp = values.data_ptr<scalar_t>();
+    int64_t* ip = indices.data_ptr<int64_t>();
+    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+      std::vector<Cand<scalar_t>> all;
+      for (int64_t b = b0; b < b1; ++b) {
+        all.clear();
+        for (auto& heaps : partial) all.insert(all.end(), heaps[b].heap.begin(), heaps[b].heap.end());
+        std::partial_sort(all.begin(), all.begin() + k, all.end(), ranks_before<scalar_t>);
+        for (int64_t j = 0; j < k; ++j) {
+          vp[b * k + j] = all[j].val;
+          ip[b * k + j] = all[j].idx;
+        }
+      }
+    });
+  });
+  return {values, indices};
+}
+
+TORCH_LIBRARY_FRAGMENT(scalerec, m) {
+  m.def("bucket_topk(Tensor directions, Tensor table, int k, int row_start, int tile) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(scalerec, CPU, m) { m.impl("bucket_topk", &bucket_topk_cpu); }
+
+}  // namespace scalerec

@@ -1,0 +1,90 @@
+"""SCE and RECE losses: the C++ path against the pure-PyTorch reference given the same random state."""
+import pytest
+import torch
+
+from scalerec.losses import get_loss, loss_defaults
+from scalerec.losses.sce import default_n_buckets, sce, sce_directions
+
+
+def _inputs(N=40, C=60, d=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, d, generator=g, dtype=dtype).requires_grad_()
+    table = torch.randn(C + 1, d, generator=g, dtype=dtype).requires_grad_()
+    targets = torch.randint(1, C + 1, (N,), generator=g)
+    return hidden, table, targets
+
+
+def _loss_and_grads(fn, hidden, table, targets):
+    h = hidden.detach().clone().requires_grad_()
+    t = table.detach().clone().requires_grad_()
+    loss = fn(h, t, targets)
+    return (loss, *torch.autograd.grad(loss, (h, t)))
+
+
+def _assert_close_scaled(a_list, b_list, rtol):
+    for a, b in zip(a_list, b_list):
+        torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=rtol * b.abs().max().item())
+
+
+@pytest.mark.parametrize("mix_x", [False, True])
+def test_sce_cpp_matches_reference_same_generator_float64(mix_x):
+    hidden, table, targets = _inputs()
+    params = dict(n_buckets=5, bucket_size_x=9, bucket_size_y=12, mix_x=mix_x)
+    out = _loss_and_grads(
+        lambda h, t, y: sce(h, t, y, generator=torch.Generator().manual_seed(7), **params), hidden, table, targets
+    )
+    ref = _loss_and_grads(
+        lambda h, t, y: sce(h, t, y, impl="reference", generator=torch.Generator().manual_seed(7), **params),
+        hidden,
+        table,
+        targets,
+    )
+    _assert_close_scaled(out, ref, 1e-10)
+    assert torch.count_nonzero(out[2][0]) == 0  # the padding row is never a candidate
+
+
+def test_sce_cpp_matches_float64_reference_float32_with_directions():
+    hidden, table, targets = _inputs(N=300, C=2000, d=16, dtype=torch.float32, seed=1)
+    dirs = sce_directions(hidden.double(), 30, generator=torch.Generator().manual_seed(3))
+    out = _loss_and_grads(lambda h, t, y: sce(h, t, y, directions=dirs.float(), bucket_size_y=64), hidden, table, targets)
+    ref = _loss_and_grads(
+        lambda h, t, y: sce(h, t, y, directions=dirs, bucket_size_y=64, impl="reference"),
+        hidden.double(),
+        table.double(),
+        targets,
+    )
+    _assert_close_scaled(out, ref, 1e-5)
+
+
+def test_sce_with_whole_buckets_is_full_ce():
+    # every query in every bucket and every item a candidate: SCE reduces to the exact full-catalog CE
+    hidden, table, targets = _inputs(N=15, C=20)
+    ce = _loss_and_grads(get_loss("ce"), hidden, table, targets)
+    for impl in ("cpp", "reference"):
+        s = _loss_and_grads(
+            get_loss("sce", n_buckets=3, bucket_size_x=15, bucket_size_y=20, impl=impl), hidden, table, targets
+        )
+        _assert_close_scaled(s, ce, 1e-10)
+
+
+def test_sce_defaults_and_bucket_sizes():
+    assert loss_defaults("sce")["bucket_size_y"] == 256
+    assert default_n_buckets(8192) == int(2 * 8192**0.5) == 181
+    hidden, table, targets = _inputs(N=30, C=40)
+    torch.manual_seed(0)
+    a = get_loss("sce")(hidden, table, targets)  # b_x, b_y clipped to N, C
+    torch.manual_seed(0)
+    b = get_loss("sce", impl="reference")(hidden, table, targets)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+
+
+def test_sce_bad_params():
+    hidden, table, targets = _inputs(N=10, C=12)
+    with pytest.raises(ValueError, match="impl"):
+        get_loss("sce", impl="x")(hidden, table, targets)
+    with pytest.raises(ValueError, match="n_buckets"):
+        get_loss("sce", n_buckets=0)(hidden, table, targets)
+    with pytest.raises(ValueError, match="bucket_size"):
+        get_loss("sce", bucket_size_y=0)(hidden, table, targets)
+    with pytest.raises(ValueError, match="directions"):
+        sce(hidden, table, targets, directions=torch.randn(3, 5, dtype=torch.float64))
