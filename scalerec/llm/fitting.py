@@ -1,0 +1,298 @@
+"""Fitting input embeddings of a frozen causal LM so that it reproduces given texts.
+
+Two modes share one batched fitter:
+
+* **one-step** (Mezentsev & Oseledets, 2025): per text two vectors ``e`` and ``m``; the model reads
+  ``[e, m, m, …, m]`` (one position per target token) and position ``i``'s logits predict token ``i``:
+  the whole text comes out of ONE forward pass + argmax. With a *shared* ``m`` only ``e`` is fitted.
+* **ar** (Kuratov et al., 2025): ``n_mem`` vectors ``[mem]`` are prepended to the teacher-forced text;
+  decoding is greedy generation from the vectors alone.
+
+Batching: the trainable vectors of B texts form one ``[B, n_vectors, d]`` tensor; each step runs the
+*active* texts only (right-padded to the longest active one; causal attention means padding never
+reaches a real position), with a per-text loss (mean CE over its own tokens) summed over texts, a
+per-text gradient-norm clip, a per-text learning-rate schedule and a per-text AdamW state. So a text's
+update never depends on the other texts in the batch; a text leaves the batch when its token accuracy
+reaches ``target_accuracy`` (its vectors stop changing) or its step budget runs out, and the best state
+seen (highest accuracy, then lowest loss) is what is returned.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .model import LoadedLM
+
+
+@dataclass
+class FitConfig:
+    """Optimiser and budget of a fit. Defaults were chosen by measurement on SmolLM2-135M (docs/llm.md)."""
+
+    lr: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.9)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    max_steps: int = 1000
+    warmup_steps: int = 10
+    schedule: str = "cosine"          # "cosine" (to min_lr_ratio * lr at max_steps) or "constant"
+    min_lr_ratio: float = 0.1
+    clip_norm: float | None = 1.0     # per-text gradient norm clip (None: off)
+    init: str = "mean"               # "mean": mean token embedding + noise; "normal": N(0, emb std)
+    init_noise: float = 1.0          # noise scale in units of the embedding table's per-coordinate std
+    seed: int = 0
+    target_accuracy: float = 1.0
+    ce_floor: float = 0.0            # per-token loss max(CE - ce_floor, 0): tokens already predicted with
+                                     # confidence stop pulling, the gradient goes to the ones still wrong
+    restart_patience: int | None = None  # re-initialise a text whose best accuracy has not improved for this many steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    """One text's fit."""
+
+    vectors: torch.Tensor      # [n_vectors, d] float32, on CPU (one-step: [e, m] or [e] with shared m; ar: mems)
+    token_ids: list[int]
+    accuracy: float
+    steps: int
+    seconds: float
+    loss: float
+    restarts: int = 0
+    history: list[float] = field(default_factory=list)  # per-step accuracy (only when record_history)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs per mode
+
+def _one_step_inputs(vecs: torch.Tensor, lengths: torch.Tensor, shared_m: torch.Tensor | None,
+                     L: int) -> torch.Tensor:
+    """[B, L, d]: position 0 is e, positions 1..L-1 are m (padding positions get m too; causal mask hides them)."""
+    B, _, d = vecs.shape
+    e = vecs[:, 0:1, :]
+    m = vecs[:, 1:2, :] if shared_m is None else shared_m.view(1, 1, d).expand(B, 1, d)
+    return torch.cat([e, m.expand(B, L - 1, d)], dim=1)
+
+
+def _ar_inputs(vecs: torch.Tensor, tok_emb: torch.Tensor) -> torch.Tensor:
+    """[B, n_mem + L - 1, d]: the mem vectors, then the embeddings of all tokens but the last."""
+    return torch.cat([vecs, tok_emb[:, :-1, :]], dim=1)
+
+
+def _init_vectors(lm: LoadedLM, n: int, cfg: FitConfig, gen: torch.Generator) -> torch.Tensor:
+    W = lm.embedding.weight.detach().float()
+    std = W.std().item()
+    d = W.shape[1]
+    noise = torch.randn(n, d, generator=gen) * std * cfg.init_noise
+    if cfg.init == "mean":
+        return W.mean(0).cpu().view(1, d) + noise
+    if cfg.init == "normal":
+        return noise
+    raise ValueError(f"unknown init {cfg.init!r}: 'mean' or 'normal'")
+
+
+def _text_seed(seed: int, toks: list[int], restart: int = 0) -> int:
+    """A text's initialisation seed: a function of the run seed and the text only (not of its batch)."""
+    h = hashlib.sha256(f"{seed}|{restart}|{','.join(map(str, toks))}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _lr_at(cfg: FitConfig, step: torch.Tensor) -> torch.Tensor:
+    """Per-text learning rate for per-text step counts (0-based)."""
+    s = step.float()
+    warm = torch.clamp((s + 1) / max(cfg.warmup_steps, 1), max=1.0)
+    if cfg.schedule == "constant":
+        return cfg.lr * warm
+    if cfg.schedule != "cosine":
+        raise ValueError(f"unknown schedule {cfg.schedule!r}: 'cosine' or 'constant'")
+    frac = torch.clamp((s - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 0.0, 1.0)
+    cos = 0.5 * (1 + torch.cos(math.pi * frac))
+    return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+
+def padded_targets(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lengths [B], targets [B, max length] right-padded with -100)."""
+    lengths = torch.tensor([len(t) for t in token_lists])
+    targets = torch.full((len(token_lists), int(lengths.max())), -100, dtype=torch.long)
+    for i, toks in enumerate(token_lists):
+        targets[i, : len(toks)] = torch.tensor(toks)
+    return lengths, targets
+
+
+def _check_tokens(lm: LoadedLM, token_lists: list[list[int]], extra: int) -> None:
+    for i, toks in enumerate(token_lists):
+        if len(toks) == 0:
+            raise ValueError(f"text {i}: empty (no tokens to fit)")
+        if len(toks) + extra > lm.max_positions:
+            raise ValueError(f"text {i}: {len(toks)} tokens (+{extra}) exceed the model context of "
+                             f"{lm.max_positions} positions")
+
+
+# ----------------------------------------------------------------------------------------------
+# the batched fitter
+
+def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, cfg: FitConfig,
+         shared_m: torch.Tensor | None = None, init: torch.Tensor | None = None,
+         record_history: bool = False, progress=None) -> list[FitResult]:
+    dev, dt = lm.device, lm.dtype
+    B = len(token_lists)
+    extra = n_vectors if mode == "ar" else 0
+    _check_tokens(lm, token_lists, extra)
+    d = lm.hidden_size
+    lengths, targets = padded_targets(token_lists)
+    emb = lm.embedding
+    # parameters and optimiser state, kept in float32 on the model's device
+    if init is not None:
+        P = init.detach().float().to(dev).clone().view(B, n_vectors, d)
+    else:
+        P = torch.stack([_init_vectors(lm, n_vectors, cfg, torch.Generator().manual_seed(_text_seed(cfg.seed, t)))
+                         for t in token_lists]).to(dev)
+    exp_avg = torch.zeros_like(P)
+    exp_sq = torch.zeros_like(P)
+    step = torch.zeros(B, dtype=torch.long)          # optimiser steps taken since the last (re)start
+    total = torch.zeros(B, dtype=torch.long)         # forward passes spent on the text
+    best_acc = torch.full((B,), -1.0)
+    best_loss = torch.full((B,), float("inf"))
+    best_P = P.clone()
+    since_best = torch.zeros(B, dtype=torch.long)
+    restarts = torch.zeros(B, dtype=torch.long)
+    active = torch.ones(B, dtype=torch.bool)
+    seconds = torch.zeros(B, dtype=torch.float64)
+    histories: list[list[float]] = [[] for _ in range(B)]
+    sm = None if shared_m is None else shared_m.detach().to(dev, dt).view(d)
+    targets_dev = targets.to(dev)
+    b1, b2 = cfg.betas
+
+    while bool(active.any()):
+        t0 = time.perf_counter()
+        idx = active.nonzero().flatten()
+        L = int(lengths[idx].max())
+        tgt = targets_dev[idx.to(dev), :L]
+        x = P[idx.to(dev)].clone().requires_grad_(True)
+        xin = x.to(dt)
+        if mode == "one-step":
+            inputs = _one_step_inputs(xin, lengths[idx], sm, L)
+            off = 0
+        else:
+            tok = emb(tgt.clamp(min=0))  # padding positions embed token 0: after the real ones, never seen
+            inputs = _ar_inputs(xin, tok)
+            off = n_vectors - 1
+        logits = lm.model(inputs_embeds=inputs).logits[:, off: off + L, :].float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none",
+                             ignore_index=-100).view(len(idx), L)
+        mask = tgt != -100
+        n_tok = mask.sum(1)
+        lossc_tok = ce if cfg.ce_floor <= 0 else torch.clamp(ce - cfg.ce_floor, min=0.0)
+        loss_per = (lossc_tok * mask).sum(1) / n_tok
+        plain = (ce * mask).sum(1) / n_tok
+        loss_per.sum().backward()
+        with torch.no_grad():
+            correct = ((logits.argmax(-1) == tgt) & mask).sum(1)
+            acc = (correct.float() / n_tok.float()).cpu()
+            lossc = plain.detach().float().cpu()
+            g = x.grad.detach().float()
+            # best state (evaluated before this step's update)
+            better = (acc > best_acc[idx]) | ((acc == best_acc[idx]) & (lossc < best_loss[idx]))
+            improved_acc = acc > best_acc[idx]
+            if bool(better.any()):
+                bi = idx[better]
+                best_P[bi.to(dev)] = P[bi.to(dev)]
+                best_acc[bi] = acc[better]
+                best_loss[bi] = lossc[better]
+            since_best[idx] = torch.where(improved_acc, torch.zeros_like(since_best[idx]), since_best[idx] + 1)
+            total[idx] += 1
+            for j, i in enumerate(idx.tolist()):
+                if record_history:
+                    histories[i].append(float(acc[j]))
+            done = (acc >= cfg.target_accuracy) | (total[idx] >= cfg.max_steps)
+            # AdamW update of the texts that go on
+            go = ~done
+            if bool(go.any()):
+                gi = idx[go]
+                gd = gi.to(dev)
+                gg = g[go.to(dev)]
+                if cfg.clip_norm is not None:
+                    norms = gg.flatten(1).norm(dim=1).clamp(min=1e-12)
+                    gg = gg * torch.clamp(cfg.clip_norm / norms, max=1.0).view(-1, 1, 1)
+                step[gi] += 1
+                st = step[gi].float().to(dev).view(-1, 1, 1)
+                lr = _lr_at(cfg, step[gi] - 1).to(dev).view(-1, 1, 1)
+                exp_avg[gd] = exp_avg[gd] * b1 + gg * (1 - b1)
+                exp_sq[gd] = exp_sq[gd] * b2 + gg * gg * (1 - b2)
+                denom = (exp_sq[gd] / (1 - b2 ** st)).sqrt() + cfg.eps
+                upd = (exp_avg[gd] / (1 - b1 ** st)) / denom
+                P[gd] = P[gd] * (1 - lr * cfg.weight_decay) - lr * upd
+                if cfg.restart_patience:
+                    stuck = gi[since_best[gi] >= cfg.restart_patience]
+                    for i in stuck.tolist():
+                        restarts[i] += 1
+                        gen = torch.Generator().manual_seed(_text_seed(cfg.seed, token_lists[i], int(restarts[i])))
+                        if init is None:
+                            P[i] = _init_vectors(lm, n_vectors, cfg, gen).to(dev)
+                        else:
+                            P[i] = init.view(B, n_vectors, d)[i].float().to(dev) + 0.1 * torch.randn(
+                                n_vectors, d, generator=gen).to(dev) * lm.embedding.weight.std().item()
+                        exp_avg[i] = 0
+                        exp_sq[i] = 0
+                        step[i] = 0
+                        since_best[i] = 0
+        dt_step = time.perf_counter() - t0
+        # charge the step's time to the texts in it, in proportion to their token counts
+        share = lengths[idx].double() / lengths[idx].double().sum()
+        seconds[idx] += dt_step * share
+        fin = idx[done]
+        active[fin] = False
+        if progress is not None:
+            progress(n_done=int(len(fin)), tokens=int(lengths[fin].sum()), n_active=int(active.sum()))
+
+    out = []
+    for i, toks in enumerate(token_lists):
+        out.append(FitResult(vectors=best_P[i].detach().float().cpu().clone(), token_ids=list(toks),
+                             accuracy=float(best_acc[i]), steps=int(total[i]), seconds=float(seconds[i]),
+                             loss=float(best_loss[i]), restarts=int(restarts[i]), history=histories[i]))
+    return out
+
+
+def _as_token_lists(lm: LoadedLM, texts) -> list[list[int]]:
+    if isinstance(texts, str):
+        texts = [texts]
+    out = []
+    for i, t in enumerate(texts):
+        if isinstance(t, str):
+            if not t.strip():
+                raise ValueError(f"text {i}: empty")
+            out.append(lm.encode(t))
+        else:
+            out.append([int(v) for v in t])
+    return out
+
+
+def fit_one_step(lm: LoadedLM, texts, config: FitConfig | None = None, shared_m: torch.Tensor | None = None,
+                 init: torch.Tensor | None = None, record_history: bool = False, progress=None) -> list[FitResult]:
+    """Fit ``[e, m]`` per text (or ``[e]`` with a given ``shared_m``) for one-step decoding.
+
+    ``texts``: strings or lists of token ids (one-step fitting reproduces exactly these ids).
+    """
+    cfg = config or FitConfig()
+    toks = _as_token_lists(lm, texts)
+    n = 1 if shared_m is not None else 2
+    return _fit(lm, toks, n, "one-step", cfg, shared_m=shared_m, init=init, record_history=record_history,
+                progress=progress)
+
+
+def fit_ar(lm: LoadedLM, texts, n_mem: int = 1, config: FitConfig | None = None, init: torch.Tensor | None = None,
+           record_history: bool = False, progress=None) -> list[FitResult]:
+    """Fit ``n_mem`` [mem] vectors per text, prepended to the teacher-forced text (autoregressive decoding)."""
+    cfg = config or FitConfig()
+    toks = _as_token_lists(lm, texts)
+    return _fit(lm, toks, n_mem, "ar", cfg, init=init, record_history=record_history, progress=progress)

@@ -1,0 +1,380 @@
+"""Resumable batch text-to-embedding jobs over Ray.
+
+Contract: the input (JSONL or Parquet) is cut into fixed, numbered shards of ``shard_size`` records in input
+order; shard ``k`` is written as ``DIR/shard-0000k.parquet`` atomically (written to a temporary name in the
+same folder, then ``os.replace``), only after all its texts are fitted. A rerun with the same input and
+settings skips every shard whose file exists, so a job killed at any moment loses no finished shard and fits
+no finished text twice. ``DIR/job.json`` records the settings; a rerun with different settings is refused.
+
+Execution: Ray actors over explicit shards (not Ray Data): each actor loads the model once and fits whole
+shards; the driver hands pending shards to idle actors and shows a progress bar (texts, tokens/s). Ray Data's
+``write_parquet`` names its files at random, so a rerun would duplicate output, and its blocks do not map to
+our shard numbers; explicit shards keep the output deterministic (see docs/llm.md).
+
+Bad input never stops the job: a malformed JSONL line, a missing or non-string field, an empty text or a text
+longer than the model's context becomes a row with ``status="failed"`` and an ``error`` naming the file, line
+and field; the other texts are fitted as usual.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "job.json"
+SHARED_M = "shared_m.npy"
+
+
+# ----------------------------------------------------------------------------------------------
+# input
+
+@dataclass
+class Record:
+    """One input text (or the reason it cannot be one)."""
+
+    id: str
+    text: str | None
+    source: str          # "file:line" (1-based line for JSONL, row for Parquet)
+    error: str | None = None
+
+
+def read_records(path: str | os.PathLike, text_field: str = "text", id_field: str = "id") -> list[Record]:
+    """Read texts from ``.jsonl`` / ``.json`` (one object per line) or ``.parquet``.
+
+    A missing id falls back to the line (row) number; bad lines become records with ``error`` set.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such input file")
+    recs: list[Record] = []
+    if p.suffix in (".jsonl", ".json", ".ndjson"):
+        with open(p, encoding="utf-8") as f:
+            for ln, line in enumerate(f, start=1):
+                src = f"{p.name}:{ln}"
+                if not line.strip():
+                    continue  # blank lines are not records
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    recs.append(Record(id=f"line-{ln}", text=None, source=src,
+                                       error=f"{src}: malformed JSON ({exc.msg} at column {exc.colno})"))
+                    continue
+                recs.append(_record_from(obj, src, ln, text_field, id_field))
+    elif p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(p)
+        if text_field not in table.column_names:
+            raise ValueError(f"{p}: no column {text_field!r} (columns: {', '.join(table.column_names)})")
+        rows = table.to_pylist()
+        for r, obj in enumerate(rows, start=1):
+            recs.append(_record_from(obj, f"{p.name}:row {r}", r, text_field, id_field))
+    else:
+        raise ValueError(f"{p}: unknown input format {p.suffix!r} (use .jsonl or .parquet)")
+    seen: dict[str, str] = {}
+    for rec in recs:
+        if rec.id in seen and rec.error is None:
+            rec.error = f"{rec.source}: duplicate id {rec.id!r} (first at {seen[rec.id]})"
+        seen.setdefault(rec.id, rec.source)
+    return recs
+
+
+def _record_from(obj, src: str, n: int, text_field: str, id_field: str) -> Record:
+    if not isinstance(obj, dict):
+        return Record(id=f"line-{n}", text=None, source=src, error=f"{src}: expected a JSON object, got {type(obj).__name__}")
+    rid = obj.get(id_field)
+    rid = f"line-{n}" if rid is None else str(rid)
+    if text_field not in obj or obj[text_field] is None:
+        return Record(id=rid, text=None, source=src, error=f"{src}: missing field {text_field!r}")
+    text = obj[text_field]
+    if not isinstance(text, str):
+        return Record(id=rid, text=None, source=src, error=f"{src}: field {text_field!r} is {type(text).__name__}, not a string")
+    if not text.strip():
+        return Record(id=rid, text=text, source=src, error=f"{src}: field {text_field!r} is empty")
+    return Record(id=rid, text=text, source=src)
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# job settings and shards
+
+@dataclass
+class JobSpec:
+    model: str
+    input: str
+    output: str
+    mode: str = "one-step"            # "one-step" or "ar"
+    n_mem: int = 1                    # ar mode: [mem] vectors per text
+    shard_size: int = 16
+    batch_size: int = 8               # texts fitted together inside a worker
+    workers: int = 1
+    threads: int = 1                  # torch threads per worker
+    dtype: str | None = None
+    device: str | None = None
+    fit: dict = field(default_factory=dict)   # FitConfig overrides
+    shared_m: str | None = None       # path of a shared m (.npy) for one-step mode; only e is fitted
+    text_field: str = "text"
+    id_field: str = "id"
+
+    def identity(self) -> dict:
+        """The settings a rerun must match to resume (workers/threads/batch may change)."""
+        return {"model": self.model, "mode": self.mode, "n_mem": self.n_mem, "shard_size": self.shard_size,
+                "fit": self.fit, "text_field": self.text_field, "id_field": self.id_field,
+                "dtype": self.dtype, "shared_m": bool(self.shared_m)}
+
+
+def shard_path(out: Path, k: int) -> Path:
+    return out / f"shard-{k:05d}.parquet"
+
+
+def plan_shards(records: list[Record], shard_size: int) -> list[list[Record]]:
+    if shard_size < 1:
+        raise ValueError("shard_size must be >= 1")
+    return [records[i: i + shard_size] for i in range(0, len(records), shard_size)]
+
+
+def write_manifest(spec: JobSpec, n_records: int, n_shards: int, fingerprint: str) -> dict:
+    out = Path(spec.output)
+    out.mkdir(parents=True, exist_ok=True)
+    man = {"identity": spec.identity(), "input": str(spec.input), "input_sha256_16": fingerprint,
+           "n_records": n_records, "n_shards": n_shards, "format": 1}
+    path = out / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("identity") != man["identity"] or old.get("input_sha256_16") != fingerprint:
+            diff = {k: (old.get("identity", {}).get(k), v) for k, v in man["identity"].items()
+                    if old.get("identity", {}).get(k) != v}
+            if old.get("input_sha256_16") != fingerprint:
+                diff["input"] = "content changed"
+            raise ValueError(f"{out}: holds a job with other settings ({diff}); use a new output folder")
+        return old
+    tmp = out / f".{MANIFEST}.{uuid.uuid4().hex}"
+    tmp.write_text(json.dumps(man, indent=1))
+    os.replace(tmp, path)
+    return man
+
+
+def write_shard_atomic(rows: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([
+        ("id", pa.string()), ("text", pa.string()), ("source", pa.string()), ("status", pa.string()),
+        ("error", pa.string()), ("token_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32()),
+        ("vectors", pa.list_(pa.list_(pa.float32()))), ("accuracy", pa.float32()), ("steps", pa.int32()),
+        ("seconds", pa.float32()), ("loss", pa.float32()), ("restarts", pa.int32()), ("mode", pa.string()),
+        ("model", pa.string()), ("shard", pa.int32()),
+    ])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_outputs(out: str | os.PathLike) -> list[dict]:
+    """All rows of a job's finished shards, in shard order."""
+    import pyarrow.parquet as pq
+
+    rows: list[dict] = []
+    for p in sorted(Path(out).glob("shard-*.parquet")):
+        rows.extend(pq.read_table(p).to_pylist())
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# the per-shard work (runs inside a Ray actor, or in-process)
+
+class ShardFitter:
+    """Loads the model once; fits whole shards."""
+
+    def __init__(self, spec: JobSpec, shared_m: np.ndarray | None = None):
+        import torch
+
+        from .fitting import FitConfig
+        from .model import load_causal_lm
+
+        torch.set_num_threads(max(1, int(spec.threads)))
+        self.spec = spec
+        self.lm = load_causal_lm(spec.model, dtype=spec.dtype, device=spec.device)
+        self.cfg = FitConfig(**_fit_kwargs(spec.fit))
+        self.shared_m = None if shared_m is None else torch.as_tensor(shared_m, dtype=torch.float32)
+
+    def fit_shard(self, k: int, records: list[Record]) -> dict:
+        from .fitting import fit_ar, fit_one_step
+
+        spec, lm = self.spec, self.lm
+        t0 = time.perf_counter()
+        rows: list[dict] = []
+        todo: list[tuple[int, list[int]]] = []
+        extra = spec.n_mem if spec.mode == "ar" else 0
+        base = {"mode": spec.mode, "model": lm.name, "shard": k}
+        for j, rec in enumerate(records):
+            row = {"id": rec.id, "text": rec.text, "source": rec.source, "status": "failed", "error": rec.error,
+                   "token_ids": None, "n_tokens": None, "vectors": None, "accuracy": None, "steps": None,
+                   "seconds": None, "loss": None, "restarts": None, **base}
+            rows.append(row)
+            if rec.error is not None:
+                continue
+            try:
+                toks = lm.encode(rec.text)
+            except Exception as exc:  # a tokenizer failure is this text's failure, not the shard's
+                row["error"] = f"{rec.source}: tokenizer failed: {exc}"
+                continue
+            row["token_ids"], row["n_tokens"] = toks, len(toks)
+            if not toks:
+                row["error"] = f"{rec.source}: field {spec.text_field!r} has no tokens"
+            elif len(toks) + extra > lm.max_positions:
+                row["error"] = (f"{rec.source}: {len(toks)} tokens exceed the model context of "
+                                f"{lm.max_positions} positions")
+            else:
+                todo.append((j, toks))
+        # fit in batches of similar length (less padding)
+        todo.sort(key=lambda t: len(t[1]))
+        for b in range(0, len(todo), max(1, spec.batch_size)):
+            chunk = todo[b: b + spec.batch_size]
+            toks = [t for _, t in chunk]
+            if spec.mode == "one-step":
+                res = fit_one_step(lm, toks, self.cfg, shared_m=self.shared_m)
+            else:
+                res = fit_ar(lm, toks, n_mem=spec.n_mem, config=self.cfg)
+            for (j, _), r in zip(chunk, res):
+                rows[j].update(status="ok", error=None, vectors=r.vectors.numpy().tolist(), accuracy=r.accuracy,
+                               steps=r.steps, seconds=r.seconds, loss=r.loss, restarts=r.restarts)
+        write_shard_atomic(rows, shard_path(Path(spec.output), k))
+        n_tok = sum(len(t) for _, t in todo)
+        return {"shard": k, "texts": len(records), "fitted": len(todo), "tokens": n_tok,
+                "failed": sum(r["status"] == "failed" for r in rows),
+                "exact": sum(1 for r in rows if r["status"] == "ok" and r["accuracy"] >= 1.0),
+                "seconds": time.perf_counter() - t0}
+
+    def ready(self) -> bool:
+        return True
+
+
+def _fit_kwargs(fit: dict) -> dict:
+    from .fitting import FitConfig
+
+    known = set(FitConfig.__dataclass_fields__)
+    bad = sorted(set(fit) - known)
+    if bad:
+        raise ValueError(f"unknown fit settings {bad}; known: {sorted(known)}")
+    kw = dict(fit)
+    if "betas" in kw:
+        kw["betas"] = tuple(kw["betas"])
+    return kw
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver
+
+def run_job(spec: JobSpec, ray_address: str | None = None, progress: bool = True,
+            max_shards: int | None = None) -> dict:
+    """Run (or resume) an encoding job; returns a summary of the work done in this run.
+
+    ``max_shards`` stops after that many shards of this run were written (for tests and partial runs).
+    """
+    _fit_kwargs(spec.fit)  # fail early on unknown settings
+    if spec.mode not in ("one-step", "ar"):
+        raise ValueError(f"unknown mode {spec.mode!r}: 'one-step' or 'ar'")
+    if spec.mode == "ar" and spec.shared_m:
+        raise ValueError("a shared m applies to one-step mode only")
+    records = read_records(spec.input, spec.text_field, spec.id_field)
+    if not records:
+        raise ValueError(f"{spec.input}: no records")
+    shards = plan_shards(records, spec.shard_size)
+    out = Path(spec.output)
+    write_manifest(spec, len(records), len(shards), file_fingerprint(spec.input))
+    shared = None
+    if spec.shared_m:
+        shared = _install_shared_m(spec, out)
+    # clean temporaries of a killed run (never a finished shard)
+    for tmp in out.glob(".shard-*.tmp"):
+        tmp.unlink(missing_ok=True)
+    pending = [k for k in range(len(shards)) if not shard_path(out, k).exists()]
+    summary = {"shards": len(shards), "skipped": len(shards) - len(pending), "written": 0, "texts": 0,
+               "fitted": 0, "failed": 0, "exact": 0, "tokens": 0, "seconds": 0.0, "workers": spec.workers}
+    if max_shards is not None:
+        pending = pending[:max_shards]
+    if not pending:
+        return summary
+
+    import ray
+    from tqdm import tqdm
+
+    started_here = False
+    if not ray.is_initialized():
+        if ray_address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=ray_address)  # a cluster (`ray job submit` sets RAY_ADDRESS)
+        else:
+            ray.init(num_cpus=max(spec.workers * spec.threads, 1), include_dashboard=False,
+                     log_to_driver=False)
+        started_here = True
+    t0 = time.perf_counter()
+    try:
+        n_workers = max(1, min(spec.workers, len(pending)))
+        Actor = ray.remote(num_cpus=spec.threads)(ShardFitter)
+        env = {"OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads),
+               "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+        actors = [Actor.options(runtime_env={"env_vars": env}).remote(spec, shared) for _ in range(n_workers)]
+        queue = list(pending)
+        running: dict = {}
+        bar = tqdm(total=sum(len(shards[k]) for k in pending), unit="text", desc="encode", disable=not progress)
+        for a in actors:
+            if queue:
+                k = queue.pop(0)
+                running[a.fit_shard.remote(k, shards[k])] = a
+        while running:
+            done, _ = ray.wait(list(running), num_returns=1)
+            ref = done[0]
+            a = running.pop(ref)
+            res = ray.get(ref)
+            summary["written"] += 1
+            for key in ("texts", "fitted", "failed", "exact", "tokens"):
+                summary[key] += res[key]
+            el = time.perf_counter() - t0
+            bar.update(res["texts"])
+            bar.set_postfix(tok_s=f"{summary['tokens'] / max(el, 1e-9):.1f}", failed=summary["failed"])
+            if queue:
+                k = queue.pop(0)
+                running[a.fit_shard.remote(k, shards[k])] = a
+        bar.close()
+        for a in actors:
+            ray.kill(a)
+    finally:
+        if started_here:
+            ray.shutdown()
+    summary["seconds"] = time.perf_counter() - t0
+    summary["tokens_per_s"] = summary["tokens"] / max(summary["seconds"], 1e-9)
+    summary["texts_per_hour"] = summary["texts"] / max(summary["seconds"], 1e-9) * 3600
+    return summary
+
+
+def _install_shared_m(spec: JobSpec, out: Path) -> np.ndarray:
+    """Copy the given shared m into the job folder (so the outputs are decodable on their own)."""
+    dst = out / SHARED_M
+    src = Path(spec.shared_m)
+    m = np.load(src).astype(np.float32).reshape(-1)
+    if dst.exists():
+        old = np.load(dst).astype(np.float32).reshape(-1)
+        if old.shape != m.shape or not np.array_equal(old, m):
+            raise ValueError(f"{out}: its {SHARED_M} differs from {src}; use a new output folder")
+        return old
+    tmp = out / f".{SHARED_M}.{uuid.uuid4().hex}.npy"
+    np.save(tmp, m)
+    os.replace(tmp, dst)
+    return m

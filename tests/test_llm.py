@@ -1,0 +1,94 @@
+"""Fitting and decoding on the real SmolLM2-135M (one-step, AR, batching, shared m, bad input)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_llm_common import lm, passage_ids  # noqa: F401  (lm is a fixture)
+
+from scalerec.llm import FitConfig, decode_ar, decode_one_step, fit_ar, fit_one_step
+
+
+class _CountForwards:
+    def __init__(self, module):
+        self.n = 0
+        self.h = module.register_forward_hook(self)
+
+    def __call__(self, *a):
+        self.n += 1
+
+    def close(self):
+        self.h.remove()
+
+
+def test_model_is_frozen(lm):
+    assert not lm.model.training
+    assert all(not p.requires_grad for p in lm.model.parameters())
+    assert lm.dtype == torch.float32 and lm.hidden_size == 576 and lm.max_positions >= 2048
+    assert lm.decode_ids(lm.encode("To be, or not to be")) == "To be, or not to be"
+
+
+def test_one_step_fits_16_tokens_and_decodes_in_one_forward(lm):
+    toks = passage_ids(lm, 16, 0)
+    cfg = FitConfig()
+    res = fit_one_step(lm, [toks], cfg)[0]
+    assert res.accuracy == 1.0, (res.accuracy, res.steps)
+    assert res.steps < cfg.max_steps and res.seconds > 0 and res.vectors.shape == (2, 576)
+    counter = _CountForwards(lm.model)
+    try:
+        out = decode_one_step(lm, res.vectors, 16)
+    finally:
+        counter.close()
+    assert counter.n == 1
+    assert out == [toks]
+
+
+def test_ar_fits_16_tokens_and_decodes(lm):
+    toks = passage_ids(lm, 16, 1)
+    res = fit_ar(lm, [toks], n_mem=1)[0]
+    assert res.accuracy == 1.0, (res.accuracy, res.steps)
+    assert res.vectors.shape == (1, 576)
+    assert decode_ar(lm, res.vectors, 16) == [toks]
+
+
+def test_batch_of_different_lengths_fits_each_text_independently(lm):
+    """Texts of 6 and 12 tokens in one batch: the short one stops early, and neither is changed by the other."""
+    short, long_ = passage_ids(lm, 6, 2), passage_ids(lm, 12, 3)
+    cfg = FitConfig(max_steps=400)
+    both = fit_one_step(lm, [short, long_], cfg)
+    alone_short = fit_one_step(lm, [short], cfg)[0]
+    alone_long = fit_one_step(lm, [long_], cfg)[0]
+    assert [r.accuracy for r in both] == [1.0, 1.0]
+    assert both[0].steps < both[1].steps  # the short text left the batch first
+    for got, ref in ((both[0], alone_short), (both[1], alone_long)):
+        assert got.steps == ref.steps
+        torch.testing.assert_close(got.vectors, ref.vectors, atol=1e-4, rtol=1e-4)
+    dec = decode_one_step(lm, torch.stack([r.vectors for r in both]), [6, 12])
+    assert dec == [short, long_]
+
+
+def test_shared_m_leaves_one_vector_per_text(lm):
+    from scalerec.llm import fit_shared_m
+
+    corpus = [passage_ids(lm, 6, i) for i in range(4)]
+    shared = fit_shared_m(lm, corpus, steps=200)
+    assert shared.m.shape == (576,)
+    new = passage_ids(lm, 6, 7)
+    res = fit_one_step(lm, [new], FitConfig(max_steps=300), shared_m=shared.m)[0]
+    assert res.vectors.shape == (1, 576)
+    assert res.accuracy == 1.0
+    assert decode_one_step(lm, res.vectors, 6, shared_m=shared.m) == [new]
+
+
+def test_bad_input_is_a_clear_error(lm):
+    with pytest.raises(ValueError, match="text 1: empty"):
+        fit_one_step(lm, ["fine", "   "])
+    with pytest.raises(ValueError, match="text 0: empty"):
+        fit_ar(lm, [[]])
+    too_long = [1] * (lm.max_positions + 1)
+    with pytest.raises(ValueError, match=f"exceed the model context of {lm.max_positions}"):
+        fit_one_step(lm, [too_long])
+    with pytest.raises(ValueError, match="exceed the model context"):
+        fit_ar(lm, [[1] * lm.max_positions], n_mem=1)
+    with pytest.raises(ValueError, match="vectors must be"):
+        decode_one_step(lm, torch.zeros(2, 7), 4)
