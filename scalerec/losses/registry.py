@@ -39,6 +39,7 @@ _LOSS_MODULES = [
     "scalerec.losses.bce",
     "scalerec.losses.gbce",
     "scalerec.losses.sce",
+    "scalerec.losses.sce_faiss",
     "scalerec.losses.rece",
 ]
 _imported = False

@@ -10,8 +10,8 @@ per-bucket top-k (never ``n_buckets x C`` at once). As an index:
   ``bucket_size``; slots that the visited buckets cannot fill come back as id -1 / score -inf.
 * ``refresh(table)``: recomputes the buckets' items with the same directions.
 
-The per-bucket top-k uses the extension's streaming bucket top-k op when it is available
-(``scalerec.ops.bucket_topk``), else ``ExactIndex`` (the same tiled running top-k in torch).
+The per-bucket top-k is the extension's streaming bucket top-k op (``scalerec.ops.bucket_topk``, the one SCE
+uses); candidates are rescored with ``gather_dot`` (no ``[N, K, d]`` gather).
 """
 from __future__ import annotations
 
@@ -21,22 +21,12 @@ import torch
 
 from scalerec.retrieval.base import MipsIndex, finalize_topk, normalize_exclude
 from scalerec.ops import gather_dot
-from scalerec.retrieval.exact import ExactIndex
+from scalerec.ops.bucket_topk import bucket_topk
 
 
 def _bucket_topk(directions: torch.Tensor, table: torch.Tensor, b: int, tile_size: int) -> torch.Tensor:
     """Ids (1..C) of the top ``b`` items of rows 1..C of ``table`` for each direction, ``[n_b, b]``."""
-    try:  # the extension's streaming op, once it exists
-        from scalerec.ops import bucket_topk  # type: ignore[attr-defined]
-    except ImportError:
-        bucket_topk = None
-    if bucket_topk is not None:
-        try:
-            _, ids = bucket_topk(directions, table, b)
-            return ids
-        except (TypeError, RuntimeError):  # a different signature: fall back to the torch path
-            pass
-    _, ids = ExactIndex(table, tile_size=tile_size).search(directions, b)
+    _, ids = bucket_topk(directions.contiguous(), table, b, row_start=1, tile=tile_size)
     return ids
 
 
