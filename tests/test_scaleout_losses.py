@@ -22,8 +22,9 @@ CASES = [
     ("ce", {"tile": 32}),
     ("ce_sampled", {"num_negatives": 40}),
     ("ce_sampled", {"num_negatives": 5, "sampling": "in_batch"}),
-    ("sce", {"n_buckets": 8, "bucket_size_x": 12, "bucket_size_y": 24}),
+    ("sce", {"n_buckets": 8, "bucket_size_x": 12, "bucket_size_y": 24, "tile": 16}),
     ("sce", {"n_buckets": 6, "bucket_size_x": 20, "bucket_size_y": 50, "mix_x": True}),
+    ("sce", {"bucket_size_y": 130, "impl": "reference"}),  # n_b = b_x = 2 sqrt(N); b_y > one shard
 ]
 
 

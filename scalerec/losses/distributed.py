@@ -104,74 +104,63 @@ def dist_ce(hidden, table, targets, impl="blockwise", tile=4096, chunk_size=1024
 
 
 # ---------------------------------------------------------------------------------------------- sce
-def sce_directions(H: torch.Tensor, n_buckets: int, mix_x: bool) -> torch.Tensor:
-    """``[d, n_b]`` bucket directions from the global random state (random mixes of the queries with mix_x)."""
-    if mix_x:
-        return H.t() @ torch.randn(H.size(0), n_buckets) / math.sqrt(H.size(0))
-    return torch.randn(H.size(1), n_buckets)
+_SCAN_ROWS = 1 << 20  # shard rows converted to fp32 at a time for the candidate search (bf16 storage)
 
 
-def local_bucket_topk(table, omega: torch.Tensor, k: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's top-``k`` items per bucket by ``<omega_b, y>``, streamed over its shard in tiles."""
-    n_b = omega.size(1)
+def local_bucket_topk(table, directions: torch.Tensor, k: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's top-``k`` rows per direction (scores, global ids) with the streaming ``bucket_topk`` op."""
+    from scalerec.ops.bucket_topk import bucket_topk
+
+    n_b = directions.size(0)
     best_s = torch.full((n_b, 0), -math.inf)
     best_i = torch.zeros((n_b, 0), dtype=torch.long)
-    for a, b, rows in table.tiles(tile):
-        sc = omega.t() @ rows.t()
-        ids = table.local_ids(a, b).unsqueeze(0).expand(n_b, -1)
-        cat_s, cat_i = torch.cat([best_s, sc], 1), torch.cat([best_i, ids], 1)
-        kk = min(k, cat_s.size(1))
-        best_s, pos = torch.topk(cat_s, kk, dim=1)
+    for a, b, rows in table.tiles(_SCAN_ROWS):
+        s, i = bucket_topk(directions, rows, min(k, b - a), row_start=0, tile=tile)
+        cat_s, cat_i = torch.cat([best_s, s], 1), torch.cat([best_i, table.local_ids(a, b)[i]], 1)
+        best_s, pos = torch.topk(cat_s, min(k, cat_s.size(1)), dim=1)
         best_i = torch.gather(cat_i, 1, pos)
     return best_s, best_i
 
 
-def global_bucket_topk(table, omega: torch.Tensor, k: int, tile: int) -> torch.Tensor:
-    """The global top-``k`` item ids per bucket ``[n_b, k]``: local top-k merged across ranks."""
-    s, i = local_bucket_topk(table, omega, k, tile)
-    n_b = omega.size(1)
-    pad = k - s.size(1)  # a shard smaller than k
-    if pad:
+def global_bucket_topk(table, directions: torch.Tensor, k: int, tile: int) -> torch.Tensor:
+    """The global top-``k`` item ids per direction ``[n_b, k]``: the ranks' local top-k, merged."""
+    s, i = local_bucket_topk(table, directions, k, tile)
+    if table.world_size > 1:
+        n_b, pad = directions.size(0), k - s.size(1)  # a shard smaller than k
         s = torch.cat([s, torch.full((n_b, pad), -math.inf)], 1)
         i = torch.cat([i, torch.zeros((n_b, pad), dtype=torch.long)], 1)
-    if table.world_size > 1:
         S, _ = coll.all_gather_varlen(s.t().contiguous(), table.group)  # [W * k, n_b]
         I, _ = coll.all_gather_varlen(i.t().contiguous(), table.group)
         s, i = S.t(), I.t()
-    top_s, pos = torch.topk(s, k, dim=1)
-    return torch.gather(i, 1, pos)
+    return torch.gather(i, 1, torch.topk(s, k, dim=1).indices)
 
 
-def sce_on_candidates(H, T, x_ind, y_ids, rows, y_loc, t_loc):
-    """Single-process SCE given the selection: ``x_ind [n_b, b_x]`` query ids, ``y_ids [n_b, b_y]`` item ids,
-    ``rows`` the candidate rows with ``y_loc``/``t_loc`` positions of the bucket items / positives in it."""
-    N = H.size(0)
-    xb = H[x_ind]  # [n_b, b_x, d]
-    yb = rows[y_loc]  # [n_b, b_y, d]
-    wrong = torch.bmm(xb, yb.transpose(1, 2))  # [n_b, b_x, b_y]
-    pos = (H * rows[t_loc]).sum(-1)  # [N]
-    wrong = wrong.masked_fill(y_ids.unsqueeze(1) == T[x_ind].unsqueeze(2), -math.inf)
-    pos_b = pos[x_ind].unsqueeze(-1)
-    per = torch.logsumexp(torch.cat([pos_b, wrong], -1), -1) - pos_b.squeeze(-1)  # [n_b, b_x]
-    per_query = torch.zeros(N).scatter_reduce(0, x_ind.reshape(-1), per.reshape(-1), "amax", include_self=False)
-    return per_query.sum() / N
-
-
-def dist_sce(hidden, table, targets, n_buckets=64, bucket_size_x=64, bucket_size_y=256, mix_x=False, tile=65536):
-    for k, v in (("n_buckets", n_buckets), ("bucket_size_x", bucket_size_x), ("bucket_size_y", bucket_size_y)):
-        if int(v) <= 0:
-            raise ValueError(f"sce: {k} must be positive, got {v}")
+def dist_sce(hidden, table, targets, n_buckets=None, bucket_size_x=None, bucket_size_y=256, mix_x=False,
+             impl="cpp", tile=8192, generator=None):
+    """SCE over a row-sharded table: the same directions on every rank (common random state), local top-b_y
+    per bucket merged into the global top-b_y, candidate and positive rows fetched from their owners; then the
+    single-process ``sce`` runs on the compact table of those rows with the same directions. The compact
+    table holds every bucket's global top-b_y, so its top-b_y per bucket is the same set: the loss and the
+    gradients equal the single-process SCE on the whole table."""
+    from scalerec.losses.sce import default_n_buckets, sce, sce_directions
 
     def compute(H, T, table, need_grad):
         N = H.size(0)
-        with torch.no_grad():
-            omega = sce_directions(H, int(n_buckets), bool(mix_x))
-            x_ind = torch.topk(omega.t() @ H.t(), min(int(bucket_size_x), N), dim=1).indices
-            y_ids = global_bucket_topk(table, omega, min(int(bucket_size_y), table.num_items), int(tile))
-        return _on_rows(H, T, table, need_grad, torch.cat([y_ids.reshape(-1), T]),
-                        lambda Hl, rows, loc: sce_on_candidates(Hl, T, x_ind, y_ids, rows,
-                                                                loc[: y_ids.numel()].view_as(y_ids),
-                                                                loc[y_ids.numel():]))
+        n_b = default_n_buckets(N) if n_buckets is None else int(n_buckets)
+        if n_b <= 0:
+            raise ValueError(f"sce: n_buckets must be positive, got {n_buckets}")
+        b_y = int(bucket_size_y)
+        if b_y <= 0:
+            raise ValueError(f"sce: bucket_size_y must be positive, got {b_y}")
+        directions = sce_directions(H, n_b, mix_x=bool(mix_x), generator=generator)
+        y_ids = global_bucket_topk(table, directions, min(b_y, table.num_items), int(tile))
+
+        def fn(Hl, rows, loc):
+            compact = torch.cat([rows.new_zeros(1, rows.size(1)), rows])  # row 0: padding
+            return sce(Hl, compact, loc[: N] + 1, bucket_size_x=bucket_size_x, bucket_size_y=b_y, impl=impl,
+                       tile=int(tile), directions=directions)
+
+        return _on_rows(H, T, table, need_grad, torch.cat([T, y_ids.reshape(-1)]), fn)
 
     return _apply(hidden, table, targets, compute)
 
