@@ -1,0 +1,4 @@
+"""Sequence encoders and item tables."""
+from scalerec.models.sasrec import SASRec
+
+__all__ = ["SASRec"]

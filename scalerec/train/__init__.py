@@ -1,0 +1,1 @@
+"""Training: config, loop, checkpoints (and the scale-out trainer)."""
