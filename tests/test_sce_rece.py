@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from scalerec.losses import get_loss, loss_defaults
+from scalerec.losses.rece import default_n_buckets as rece_default_n_buckets
+from scalerec.losses.rece import rece
 from scalerec.losses.sce import default_n_buckets, sce, sce_directions
 
 
@@ -88,3 +90,48 @@ def test_sce_bad_params():
         get_loss("sce", bucket_size_y=0)(hidden, table, targets)
     with pytest.raises(ValueError, match="directions"):
         sce(hidden, table, targets, directions=torch.randn(3, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rounds, n_extra", [(1, 1), (2, 0)])
+def test_rece_cpp_matches_reference_same_generator_float64(rounds, n_extra):
+    hidden, table, targets = _inputs()
+    params = dict(n_buckets=4, n_extra_chunks=n_extra, rounds=rounds)
+    out, ref = (
+        _loss_and_grads(
+            lambda h, t, y, impl=impl: rece(h, t, y, impl=impl, generator=torch.Generator().manual_seed(3), **params),
+            hidden,
+            table,
+            targets,
+        )
+        for impl in ("cpp", "reference")
+    )
+    _assert_close_scaled(out, ref, 1e-10)
+    assert torch.count_nonzero(out[2][0]) == 0
+
+
+def test_rece_cpp_matches_float64_reference_float32_with_directions():
+    hidden, table, targets = _inputs(N=300, C=2000, d=16, dtype=torch.float32, seed=1)
+    dirs = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    out = _loss_and_grads(lambda h, t, y: rece(h, t, y, directions=dirs.float()), hidden, table, targets)
+    ref = _loss_and_grads(
+        lambda h, t, y: rece(h, t, y, directions=dirs, impl="reference"), hidden.double(), table.double(), targets
+    )
+    _assert_close_scaled(out, ref, 1e-5)
+
+
+def test_rece_one_bucket_is_full_ce_and_defaults():
+    hidden, table, targets = _inputs(N=15, C=20)
+    ce = _loss_and_grads(get_loss("ce"), hidden, table, targets)
+    _assert_close_scaled(_loss_and_grads(get_loss("rece", n_buckets=1, rounds=2), hidden, table, targets), ce, 1e-10)
+    assert rece_default_n_buckets(8192, 10**6, 1) == int((4 * 8192 * 3) ** 0.5)
+    assert rece_default_n_buckets(5, 10**6, 1) == 5  # never more buckets than queries or items
+    assert loss_defaults("rece")["n_extra_chunks"] == 1 and loss_defaults("rece")["rounds"] == 1
+
+
+def test_rece_bad_params():
+    hidden, table, targets = _inputs(N=10, C=12)
+    for params, msg in [({"impl": "x"}, "impl"), ({"rounds": 0}, "rounds"), ({"n_extra_chunks": -1}, "n_extra")]:
+        with pytest.raises(ValueError, match=msg):
+            get_loss("rece", **params)(hidden, table, targets)
+    with pytest.raises(ValueError, match="directions"):
+        rece(hidden, table, targets, directions=torch.randn(3, 5, dtype=torch.float64))

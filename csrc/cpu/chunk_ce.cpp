@@ -1,0 +1,263 @@
+// chunk_ce: the RECE loss's chunked cross-entropy (Gusak et al., "RECE: Reduced Cross-Entropy Loss").
+//
+// Inputs: hidden [N, d], table [C, d], targets [N], x_chunks [R, K, cx] (per round, the query rows sorted by
+// bucket and cut into K equal chunks; -1 pads), y_chunks [R, K, cy] (the same for table rows), n_extra.
+// In round r, the queries of chunk i are scored against the items of chunks i-n_extra .. i+n_extra. A query's
+// candidates over all rounds may repeat: each occurrence's logit is reduced by log(count), so an item counts
+// once in the softmax however often it was drawn. The positive is masked among the candidates and appended.
+// loss[n] = lse[n] - <h_n, t_{targets[n]}>.
+//
+// Forward: rounds in sequence, chunks in parallel (a query is in one chunk per round), an online log-sum-exp
+// per query. Backward: recomputes each chunk's logits; chunks i and i + 2 n_extra + 1 have disjoint item
+// windows, so the chunks of one residue class mod (2 n_extra + 1) run in parallel without write races on
+// grad_table (and on grad_hidden, as their queries differ). One chunk's gathers at a time per thread.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace scalerec {
+
+namespace {
+
+struct ChunkPlan {
+  int64_t R, K, cx, cy, N, C, n_extra;
+  at::Tensor qchunk;  // [R, N] int64: chunk of query n in round r, -1 if absent
+  at::Tensor ichunk;  // [R, C] int32: chunk of row c in round r, -1 if absent
+};
+
+void check_ids(const at::Tensor& ids, int64_t hi, const char* name) {
+  if (ids.numel() == 0) return;
+  const int64_t lo_v = ids.min().item<int64_t>(), hi_v = ids.max().item<int64_t>();
+  TORCH_CHECK(lo_v >= -1 && hi_v < hi, "chunk_ce: ", name, " must lie in [-1, ", hi, ") (-1 = padding), got min ", lo_v,
+              ", max ", hi_v);
+}
+
+ChunkPlan make_plan(const at::Tensor& hidden, const at::Tensor& table, const at::Tensor& targets,
+                    const at::Tensor& x_chunks, const at::Tensor& y_chunks, int64_t n_extra) {
+  TORCH_CHECK(hidden.dim() == 2, "chunk_ce: hidden must be [N, d], got shape ", hidden.sizes());
+  TORCH_CHECK(table.dim() == 2, "chunk_ce: table must be [C, d], got shape ", table.sizes());
+  TORCH_CHECK(hidden.size(1) == table.size(1), "chunk_ce: hidden has d=", hidden.size(1), " but table has d=",
+              table.size(1));
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "chunk_ce: targets must be [N]=[",
+              hidden.size(0), "], got shape ", targets.sizes());
+  TORCH_CHECK(x_chunks.dim() == 3 && y_chunks.dim() == 3 && x_chunks.size(0) == y_chunks.size(0) &&
+                  x_chunks.size(1) == y_chunks.size(1),
+              "chunk_ce: x_chunks must be [R, K, cx] and y_chunks [R, K, cy] with the same R and K, got ",
+              x_chunks.sizes(), " and ", y_chunks.sizes());
+  TORCH_CHECK(hidden.scalar_type() == table.scalar_type(), "chunk_ce: hidden and table dtypes differ (",
+              hidden.scalar_type(), " vs ", table.scalar_type(), ")");
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
+              "chunk_ce: hidden/table must be float32 or float64, got ", hidden.scalar_type());
+  TORCH_CHECK(targets.scalar_type() == at::kLong && x_chunks.scalar_type() == at::kLong &&
+                  y_chunks.scalar_type() == at::kLong,
+              "chunk_ce: targets, x_chunks and y_chunks must be int64");
+  const auto dev = hidden.device();
+  TORCH_CHECK(table.device() == dev && targets.device() == dev && x_chunks.device() == dev &&
+                  y_chunks.device() == dev,
+              "chunk_ce: all inputs must be on one device");
+  TORCH_CHECK(n_extra >= 0, "chunk_ce: n_extra_chunks must be >= 0, got ", n_extra);
+  if (targets.numel()) {
+    const int64_t lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < table.size(0), "chunk_ce: targets must lie in [0, ", table.size(0), "), got min ", lo,
+                ", max ", hi);
+  }
+  check_ids(x_chunks, hidden.size(0), "x_chunks (query rows)");
+  check_ids(y_chunks, table.size(0), "y_chunks (table rows)");
+  ChunkPlan p;
+  p.R = x_chunks.size(0);
+  p.K = x_chunks.size(1);
+  p.cx = x_chunks.size(2);
+  p.cy = y_chunks.size(2);
+  p.N = hidden.size(0);
+  p.C = table.size(0);
+  p.n_extra = n_extra;
+  p.qchunk = at::full({p.R, p.N}, -1, x_chunks.options());
+  p.ichunk = at::full({p.R, p.C}, -1, x_chunks.options().dtype(at::kInt));
+  const int64_t* xp = x_chunks.data_ptr<int64_t>();
+  const int64_t* yp = y_chunks.data_ptr<int64_t>();
+  int64_t* qc = p.qchunk.data_ptr<int64_t>();
+  int32_t* ic = p.ichunk.data_ptr<int32_t>();
+  for (int64_t r = 0; r < p.R; ++r)
+    for (int64_t k = 0; k < p.K; ++k) {
+      for (int64_t j = 0; j < p.cx; ++j) {
+        const int64_t n = xp[(r * p.K + k) * p.cx + j];
+        if (n < 0) continue;
+        TORCH_CHECK(qc[r * p.N + n] < 0, "chunk_ce: query row ", n, " occurs twice in round ", r, " of x_chunks");
+        qc[r * p.N + n] = k;
+      }
+      for (int64_t j = 0; j < p.cy; ++j) {
+        const int64_t c = yp[(r * p.K + k) * p.cy + j];
+        if (c < 0) continue;
+        TORCH_CHECK(ic[r * p.C + c] < 0, "chunk_ce: table row ", c, " occurs twice in round ", r, " of y_chunks");
+        ic[r * p.C + c] = (int32_t)k;
+      }
+    }
+  return p;
+}
+
+// The logits of chunk k of round r against its window, duplicates corrected, positive and pads masked.
+// Fills q_rows (the chunk's query rows) and w_rows (the window's table rows); returns [q, w].
+template <typename scalar_t>
+at::Tensor chunk_logits(const ChunkPlan& p, const at::Tensor& hidden, const at::Tensor& table,
+                        const int64_t* targets, const int64_t* x_chunks, const int64_t* y_chunks, int64_t r, int64_t k,
+                        std::vector<int64_t>& q_rows, std::vector<int64_t>& w_rows, at::Tensor& xq, at::Tensor& ww) {
+  q_rows.clear();
+  w_rows.clear();
+  const int64_t* xs = x_chunks + (r * p.K + k) * p.cx;
+  for (int64_t j = 0; j < p.cx; ++j)
+    if (xs[j] >= 0) q_rows.push_back(xs[j]);
+  const int64_t k0 = std::max<int64_t>(0, k - p.n_extra), k1 = std::min<int64_t>(p.K - 1, k + p.n_extra);
+  for (int64_t kk = k0; kk <= k1; ++kk) {
+    const int64_t* ys = y_chunks + (r * p.K + kk) * p.cy;
+    for (int64_t j = 0; j < p.cy; ++j)
+      if (ys[j] >= 0) w_rows.push_back(ys[j]);
+  }
+  const int64_t nq = q_rows.size(), nw = w_rows.size();
+  if (nq == 0) return at::Tensor();
+  xq = hidden.index_select(0, at::from_blob(q_rows.data(), {nq}, at::kLong));
+  ww = table.index_select(0, at::from_blob(w_rows.data(), {nw}, at::kLong));
+  auto s = at::mm(xq, ww.t()).contiguous();
+  scalar_t* sp = s.data_ptr<scalar_t>();
+  const scalar_t ninf = -std::numeric_limits<scalar_t>::infinity();
+  const int64_t* qc = p.qchunk.data_ptr<int64_t>();
+  const int32_t* ic = p.ichunk.data_ptr<int32_t>();
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t n = q_rows[i], y = targets[n];
+    scalar_t* row = sp + i * nw;
+    for (int64_t j = 0; j < nw; ++j) {
+      const int64_t c = w_rows[j];
+      if (c == y) {
+        row[j] = ninf;
+        continue;
+      }
+      if (p.R > 1) {  // the number of rounds whose window brings item c to query n
+        int64_t count = 0;
+        for (int64_t rr = 0; rr < p.R; ++rr) {
+          const int64_t a = qc[rr * p.N + n], b = ic[rr * p.C + c];
+          if (a >= 0 && b >= 0 && std::abs(a - b) <= p.n_extra) ++count;
+        }
+        row[j] -= std::log((scalar_t)count);
+      }
+    }
+  }
+  return s;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> chunk_ce_cpu(const at::Tensor& hidden_, const at::Tensor& table_,
+                                                const at::Tensor& targets_, const at::Tensor& x_chunks_,
+                                                const at::Tensor& y_chunks_, int64_t n_extra) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto hidden = hidden_.contiguous(), table = table_.contiguous(), targets = targets_.contiguous();
+  auto x_chunks = x_chunks_.contiguous(), y_chunks = y_chunks_.contiguous();
+  const ChunkPlan p = make_plan(hidden, table, targets, x_chunks, y_chunks, n_extra);
+  auto lse_neg = at::full({p.N}, -std::numeric_limits<double>::infinity(), hidden.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "chunk_ce_cpu", [&] {
+    const int64_t* tp = targets.data_ptr<int64_t>();
+    const int64_t* xp = x_chunks.data_ptr<int64_t>();
+    const int64_t* yp = y_chunks.data_ptr<int64_t>();
+    double* lp = lse_neg.data_ptr<double>();
+    for (int64_t r = 0; r < p.R; ++r) {
+      at::parallel_for(0, p.K, 1, [&](int64_t k0, int64_t k1) {
+        at::AutoDispatchBelowADInplaceOrView below;
+        std::vector<int64_t> q_rows, w_rows;
+        at::Tensor xq, ww;
+        for (int64_t k = k0; k < k1; ++k) {
+          auto s = chunk_logits<scalar_t>(p, hidden, table, tp, xp, yp, r, k, q_rows, w_rows, xq, ww);
+          if (!s.defined()) continue;
+          auto part = at::logsumexp(s, {1}).to(at::kDouble).contiguous();
+          const double* pp = part.data_ptr<double>();
+          for (size_t i = 0; i < q_rows.size(); ++i) {
+            double& acc = lp[q_rows[i]];
+            const double m = std::max(acc, pp[i]);
+            if (m != -std::numeric_limits<double>::infinity())
+              acc = m + std::log(std::exp(acc - m) + std::exp(pp[i] - m));
+          }
+        }
+      });
+    }
+  });
+  auto pos = (hidden * table.index_select(0, targets)).sum(1).to(at::kDouble);
+  auto lse = at::logaddexp(lse_neg, pos);
+  return {(lse - pos).to(hidden.scalar_type()), lse.to(hidden.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> chunk_ce_backward_cpu(const at::Tensor& grad_loss_, const at::Tensor& hidden_,
+                                                         const at::Tensor& table_, const at::Tensor& targets_,
+                                                         const at::Tensor& x_chunks_, const at::Tensor& y_chunks_,
+                                                         int64_t n_extra, const at::Tensor& lse_) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto hidden = hidden_.contiguous(), table = table_.contiguous(), targets = targets_.contiguous();
+  auto x_chunks = x_chunks_.contiguous(), y_chunks = y_chunks_.contiguous();
+  const ChunkPlan p = make_plan(hidden, table, targets, x_chunks, y_chunks, n_extra);
+  TORCH_CHECK(grad_loss_.dim() == 1 && grad_loss_.size(0) == p.N && lse_.dim() == 1 && lse_.size(0) == p.N,
+              "chunk_ce_backward: grad and lse must be [N]=[", p.N, "]");
+  auto g = grad_loss_.to(hidden.scalar_type()).contiguous();
+  auto lse = lse_.to(hidden.scalar_type()).contiguous();
+  const int64_t d = hidden.size(1), period = 2 * n_extra + 1;
+  auto grad_hidden = at::zeros_like(hidden);
+  auto grad_table = at::zeros_like(table);
+  AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "chunk_ce_backward_cpu", [&] {
+    const int64_t* tp = targets.data_ptr<int64_t>();
+    const int64_t* xp = x_chunks.data_ptr<int64_t>();
+    const int64_t* yp = y_chunks.data_ptr<int64_t>();
+    scalar_t* ghp = grad_hidden.data_ptr<scalar_t>();
+    scalar_t* gtp = grad_table.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < p.R; ++r)
+      for (int64_t phase = 0; phase < period; ++phase) {
+        const int64_t n_here = (p.K - phase + period - 1) / period;  // chunks phase, phase + period, ...
+        at::parallel_for(0, n_here, 1, [&](int64_t c0, int64_t c1) {
+          at::AutoDispatchBelowADInplaceOrView below;
+          std::vector<int64_t> q_rows, w_rows;
+          at::Tensor xq, ww;
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t k = phase + c * period;
+            auto prob = chunk_logits<scalar_t>(p, hidden, table, tp, xp, yp, r, k, q_rows, w_rows, xq, ww);
+            if (!prob.defined() || w_rows.empty()) continue;
+            auto rows = at::from_blob(q_rows.data(), {(int64_t)q_rows.size()}, at::kLong);
+            prob.sub_(lse.index_select(0, rows).unsqueeze(1)).exp_().mul_(g.index_select(0, rows).unsqueeze(1));
+            auto gh = at::mm(prob, ww).contiguous();        // [q, d]
+            auto gw = at::mm(prob.t(), xq).contiguous();    // [w, d]
+            const scalar_t* ghs = gh.data_ptr<scalar_t>();
+            const scalar_t* gws = gw.data_ptr<scalar_t>();
+            for (size_t i = 0; i < q_rows.size(); ++i) {
+              scalar_t* dst = ghp + q_rows[i] * d;
+              for (int64_t j = 0; j < d; ++j) dst[j] += ghs[i * d + j];
+            }
+            for (size_t i = 0; i < w_rows.size(); ++i) {
+              scalar_t* dst = gtp + w_rows[i] * d;
+              for (int64_t j = 0; j < d; ++j) dst[j] += gws[i * d + j];
+            }
+          }
+        });
+      }
+  });
+  // the positive's term: d(lse - pos)/d pos = p_pos - 1
+  auto pos = (hidden * table.index_select(0, targets)).sum(1);
+  auto coef = (at::exp(pos - lse) - 1).mul_(g).unsqueeze(1);
+  grad_hidden.add_(table.index_select(0, targets) * coef);
+  grad_table.index_add_(0, targets, hidden * coef);
+  return {grad_hidden, grad_table};
+}
+
+TORCH_LIBRARY_FRAGMENT(scalerec, m) {
+  m.def(
+      "chunk_ce(Tensor hidden, Tensor table, Tensor targets, Tensor x_chunks, Tensor y_chunks, int n_extra) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "chunk_ce_backward(Tensor grad_loss, Tensor hidden, Tensor table, Tensor targets, Tensor x_chunks, "
+      "Tensor y_chunks, int n_extra, Tensor lse) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(scalerec, CPU, m) {
+  m.impl("chunk_ce", &chunk_ce_cpu);
+  m.impl("chunk_ce_backward", &chunk_ce_backward_cpu);
+}
+
+}  // namespace scalerec
