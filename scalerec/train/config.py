@@ -43,8 +43,9 @@ class ConfigError(ValueError):
     pass
 
 
-def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    base = OmegaConf.create(DEFAULTS)
+def load_config(path: str | None = None, overrides: Sequence[str] = (), extra_defaults: dict | None = None) -> DictConfig:
+    """Defaults (plus ``extra_defaults``, e.g. the scale-out section), then the YAML file, then ``key=value``."""
+    base = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.create(extra_defaults or {}))
     OmegaConf.set_struct(base, True)
     # loss params are free-form here; the loss itself rejects unknown names
     OmegaConf.set_struct(base.loss, False)
