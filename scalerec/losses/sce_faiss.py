@@ -83,10 +83,10 @@ class CandidateIndexState:
             "steps": self.steps,
             "builds": self.builds,
             "refreshes": self.refreshes,
-            "build_seconds": round(self.build_seconds, 4),
-            "refresh_seconds": round(self.refresh_seconds, 4),
-            "seconds_per_refresh": round(self.refresh_seconds / self.refreshes, 4) if self.refreshes else None,
-            "search_seconds": round(self.search_seconds, 4),
+            "build_seconds": round(self.build_seconds, 6),
+            "refresh_seconds": round(self.refresh_seconds, 6),
+            "seconds_per_refresh": round(self.refresh_seconds / self.refreshes, 6) if self.refreshes else None,
+            "search_seconds": round(self.search_seconds, 6),
         }
 
 

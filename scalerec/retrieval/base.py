@@ -101,6 +101,14 @@ class Exclusions:
         pos = pos.clamp_(max=sorted_ex.size(1) - 1)
         return sorted_ex.gather(1, pos) == ids
 
+    def contains_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Boolean ``[n, K]``: whether ``ids[i, j]`` is excluded for query ``rows[i]``."""
+        if self.padded.size(1) == 0:
+            return torch.zeros_like(ids, dtype=torch.bool)
+        sorted_ex = self.padded[rows.cpu()].to(ids.device)
+        pos = torch.searchsorted(sorted_ex, ids.contiguous()).clamp_(max=sorted_ex.size(1) - 1)
+        return sorted_ex.gather(1, pos) == ids
+
     def slice(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The pairs of queries ``start..stop-1`` as (row - start, item)."""
         lo = int(torch.searchsorted(self.rows, torch.tensor(start)))

@@ -5,13 +5,13 @@ the top ``bucket_size`` items by inner product, found by streaming over the cata
 per-bucket top-k (never ``n_buckets x C`` at once). As an index:
 
 * ``build(table)``: draws the directions (seeded) and computes every bucket's top items.
-* ``search(q, k)``: each query visits its ``n_probe`` best-aligned buckets; the union of their items is
-  rescored exactly against the query and the best ``k`` kept. Recall grows with ``n_probe`` and
+* ``search(q, k)``: each query visits its ``n_probe`` best-aligned buckets; their items are scored exactly
+  against the query and the best ``k`` of the union kept. Recall grows with ``n_probe`` and
   ``bucket_size``; slots that the visited buckets cannot fill come back as id -1 / score -inf.
 * ``refresh(table)``: recomputes the buckets' items with the same directions.
 
 The per-bucket top-k is the extension's streaming bucket top-k op (``scalerec.ops.bucket_topk``, the one SCE
-uses); candidates are rescored with ``gather_dot`` (no ``[N, K, d]`` gather).
+uses); a search scores each visited bucket's queries against its items with one dense matmul.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from scalerec.retrieval.base import MipsIndex, finalize_topk, normalize_exclude
-from scalerec.ops import gather_dot
 from scalerec.ops.bucket_topk import bucket_topk
 
 
@@ -97,29 +96,64 @@ class BucketIndex(MipsIndex):
         return self.bucket_items.numel() * 8 + self.directions.numel() * self.directions.element_size()
 
     @torch.no_grad()
-    def search(self, queries: torch.Tensor, k: int, exclude: Any = None, query_batch: int = 4096):
+    def search(self, queries: torch.Tensor, k: int, exclude: Any = None, query_batch: int = 8192):
+        """Each query's ``n_probe`` buckets are scored bucket by bucket (one dense ``[queries in bucket, b]``
+        matmul each, no per-query gathers); per query the best ``k`` of every visited bucket are merged,
+        duplicates (an item in two of its buckets) dropped, and the best ``k`` kept."""
         self._check_search(queries, k)
         N = queries.size(0)
         excl = normalize_exclude(exclude, N, self.num_items)
         dtype = self.directions.dtype
         q_all = queries.detach().to(self.table.device, dtype)
+        kb = min(k, self.bucket_items.size(1))
         out_s, out_i = [], []
         for q0 in range(0, N, query_batch):
             q = q_all[q0 : q0 + query_batch]
+            n = q.size(0)
             probe = torch.topk(q @ self.directions.t(), self.n_probe, dim=1).indices  # [n, n_probe]
-            cand = self.bucket_items[probe].reshape(q.size(0), -1)  # [n, n_probe * b]
-            cand, _ = torch.sort(cand, dim=1)
+            res_s = q.new_full((n, self.n_probe, kb), float("-inf"))
+            res_i = torch.full((n, self.n_probe, kb), -1, dtype=torch.int64, device=q.device)
+            flat = probe.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            buckets, counts = torch.unique_consecutive(flat[order], return_counts=True)
+            pair_q = order // self.n_probe
+            pair_slot = order % self.n_probe
+            # the per-bucket ops are small: intra-op threads cost more to wake than they save
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                self._score_buckets(q, q0, buckets, counts, pair_q, pair_slot, excl, kb, res_s, res_i)
+            finally:
+                torch.set_num_threads(threads)
+            cand = res_i.reshape(n, -1)
+            scores = res_s.reshape(n, -1)
+            # an item found through two buckets of the same query counts once
+            cand, perm = torch.sort(cand, dim=1)
+            scores = scores.gather(1, perm)
             dup = torch.zeros_like(cand, dtype=torch.bool)
             dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
             cand = cand.masked_fill(dup, -1)
-            safe = cand.clamp(min=0)
-            table = self.table if self.table.dtype == dtype else self.table.to(dtype)
-            scores = gather_dot(q.contiguous(), table, safe)  # no [n, K, d] gather
             if cand.size(1) < k:  # fewer candidates than asked: pad with empty slots
                 pad = k - cand.size(1)
-                cand = torch.cat([cand, cand.new_full((q.size(0), pad), -1)], 1)
-                scores = torch.cat([scores, scores.new_full((q.size(0), pad), float("-inf"))], 1)
-            s, i = finalize_topk(scores, cand, k, excl, row_offset=q0, presorted=False)
+                cand = torch.cat([cand, cand.new_full((n, pad), -1)], 1)
+                scores = torch.cat([scores, scores.new_full((n, pad), float("-inf"))], 1)
+            s, i = finalize_topk(scores, cand, k, None, presorted=False)
             out_s.append(s)
             out_i.append(i)
         return torch.cat(out_s), torch.cat(out_i)
+
+    def _score_buckets(self, q, q0, buckets, counts, pair_q, pair_slot, excl, kb, res_s, res_i) -> None:
+        b = self.bucket_items.size(1)
+        dtype = q.dtype
+        start = 0
+        for bucket, cnt in zip(buckets.tolist(), counts.tolist()):
+            rows, slots = pair_q[start : start + cnt], pair_slot[start : start + cnt]
+            start += cnt
+            items = self.bucket_items[bucket]  # [b]
+            sc = q[rows] @ self.table[items].to(dtype).t()  # [cnt, b]
+            if excl is not None:
+                ids = items.unsqueeze(0).expand(cnt, b)
+                sc = sc.masked_fill(excl.contains_rows(ids, rows + q0), float("-inf"))
+            v, pos = torch.topk(sc, kb, dim=1)
+            res_s[rows, slots] = v
+            res_i[rows, slots] = items[pos]
