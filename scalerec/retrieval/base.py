@@ -15,6 +15,7 @@ import abc
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 
@@ -137,8 +138,8 @@ def normalize_exclude(exclude: Any, num_queries: int, num_items: int) -> Exclusi
     elif isinstance(exclude, Sequence) or hasattr(exclude, "__len__"):
         if len(exclude) != num_queries:
             raise ValueError(f"exclude has {len(exclude)} entries for {num_queries} queries")
-        lists = [torch.as_tensor(list(e) if not isinstance(e, torch.Tensor) else e, dtype=torch.int64).reshape(-1)
-                 for e in exclude]
+        lists = [e.detach().cpu().to(torch.int64).reshape(-1) if isinstance(e, torch.Tensor)
+                 else torch.from_numpy(np.asarray(e, dtype=np.int64).reshape(-1)) for e in exclude]
         lens = torch.tensor([len(e) for e in lists], dtype=torch.int64)
         rows = torch.repeat_interleave(torch.arange(num_queries), lens)
         items = torch.cat(lists) if lists else torch.empty(0, dtype=torch.int64)
