@@ -6,14 +6,16 @@
 //   sorted ascending (so they form a coalesced COO index); `values` are the gradient entries there. Without
 //   u_out / u_in the rotation is the identity on that side (MeProp: top-k in the original basis). The product
 //   order is chosen by cost: (grad_out^T x) first and then the rotations when N is large, the rotated operands
-//   (grad_out U_out)^T (x U_in) when N is small. Selection is O(O*I): one nth_element per thread chunk, then a
-//   merge, never a full sort.
+//   (grad_out U_out)^T (x U_in) when N is small. Selection is O(O*I): one nth_element over the magnitudes and one
+//   scan, never a full sort. float32, float64 and bfloat16 (the GEMMs then run in bfloat16 with float
+//   accumulation, about twice as fast on CPUs with AVX512-BF16/AMX; the selection compares in float).
 //
 // sparsegrad_rotated_update_(weight [O,I], u_out [O,O], u_in [I,I], indices [k], delta [k]) -> ()
 //   In place: weight += U_out D U_in^T, where D is the sparse [O, I] matrix with D.flat[indices] = delta.
 //   A sparse-by-dense product: D U_in^T only touches the |R| rows of D that hold an entry (k*I work), then one
 //   dense GEMM [O,|R|] x [|R|,I]; or the transposed route through the |C| touched columns when |C| < |R|.
 //   Cost O*I*min(|R|,|C|) + k*max(O,I), against O*I*(O+I) for re-forming U_out W~ U_in^T.
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -55,13 +57,14 @@ at::Tensor rotated_weight_grad(const at::Tensor& g, const at::Tensor& x, const s
 
 template <typename scalar_t>
 void topk_abs(const scalar_t* v, int64_t n, int64_t k, int64_t* out_idx, scalar_t* out_val) {
+  using acc_t = at::opmath_type<scalar_t>;  // float for bfloat16
   // 1) threshold = k-th largest |v|, by nth_element on a copy of the magnitudes.
-  std::vector<scalar_t> mag(n);
+  std::vector<acc_t> mag(n);
   at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) mag[i] = std::abs(v[i]);
+    for (int64_t i = b; i < e; ++i) mag[i] = std::abs(static_cast<acc_t>(v[i]));
   });
-  std::nth_element(mag.begin(), mag.begin() + (k - 1), mag.end(), std::greater<scalar_t>());
-  const scalar_t thr = mag[k - 1];
+  std::nth_element(mag.begin(), mag.begin() + (k - 1), mag.end(), std::greater<acc_t>());
+  const acc_t thr = mag[k - 1];
   // 2) count entries strictly above the threshold: the rest of the k are ties at the threshold, taken in index
   //    order so the selection is deterministic.
   int64_t above = 0;
@@ -71,7 +74,7 @@ void topk_abs(const scalar_t* v, int64_t n, int64_t k, int64_t* out_idx, scalar_
   mag.shrink_to_fit();
   int64_t pos = 0;
   for (int64_t i = 0; i < n && pos < k; ++i) {
-    const scalar_t a = std::abs(v[i]);
+    const acc_t a = std::abs(static_cast<acc_t>(v[i]));
     if (a > thr || (a == thr && ties > 0)) {
       if (!(a > thr)) --ties;
       out_idx[pos] = i;
@@ -102,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> sparsegrad_topk_grad_cpu(const at::Tensor& gr
   at::Tensor G = rotated_weight_grad(grad_out_, x_, u_out, u_in).contiguous();
   auto idx = at::empty({k}, x_.options().dtype(at::kLong));
   auto val = at::empty({k}, x_.options());
-  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "sparsegrad_topk_grad_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, G.scalar_type(), "sparsegrad_topk_grad_cpu", [&] {
     topk_abs<scalar_t>(G.data_ptr<scalar_t>(), O * I, k, idx.data_ptr<int64_t>(), val.data_ptr<scalar_t>());
   });
   return {idx, val};

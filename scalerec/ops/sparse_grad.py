@@ -81,10 +81,10 @@ class _SparseLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_rot, bias, w_eff, u_out, u_in, k, use_reference, sparse_grad):
+    def forward(ctx, x, w_rot, bias, w_eff, u_out, u_in, k, use_reference, sparse_grad, compute_dtype):
         ctx.save_for_backward(x, w_eff, u_out, u_in)
         ctx.k, ctx.use_reference, ctx.w_shape = k, use_reference, w_rot.shape
-        ctx.has_bias, ctx.sparse_grad = bias is not None, sparse_grad
+        ctx.has_bias, ctx.sparse_grad, ctx.compute_dtype = bias is not None, sparse_grad, compute_dtype
         return torch.nn.functional.linear(x, w_eff, bias)
 
     @staticmethod
@@ -95,9 +95,13 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ w_eff.to(grad_y.dtype)
         if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
+            cd = ctx.compute_dtype or g2.dtype
+            x2 = x.reshape(-1, x.shape[-1]).to(cd)
+            uo = u_out.to(cd) if u_out is not None else None
+            ui = u_in.to(cd) if u_in is not None else None
             fn = sparsegrad_topk_grad_reference if ctx.use_reference else sparsegrad_topk_grad
-            idx, val = fn(g2.contiguous(), x2.contiguous(), u_out, u_in, ctx.k)
+            idx, val = fn(g2.to(cd).contiguous(), x2.contiguous(), uo, ui, ctx.k)
+            val = val.to(grad_y.dtype)
             cols = ctx.w_shape[1]
             coords = torch.stack([idx // cols, idx % cols])
             grad_w = torch.sparse_coo_tensor(coords, val, ctx.w_shape, is_coalesced=True, check_invariants=False)
@@ -105,11 +109,14 @@ class _SparseLinear(torch.autograd.Function):
                 grad_w = grad_w.to_dense()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
-def sparse_linear(x, w_rot, bias, w_eff, u_out, u_in, k, use_reference: bool = False, sparse_grad: bool = True):
+def sparse_linear(x, w_rot, bias, w_eff, u_out, u_in, k, use_reference: bool = False, sparse_grad: bool = True,
+                  compute_dtype: torch.dtype | None = None):
     """Linear layer with SparseGrad's backward (see module docstring). ``w_eff`` must equal ``U_out w_rot U_inᵀ``
     (or ``w_rot`` itself when both rotations are None). ``sparse_grad=False`` returns ``w_rot``'s gradient as a
-    dense tensor that is zero outside the top-k entries."""
-    return _SparseLinear.apply(x, w_rot, bias, w_eff, u_out, u_in, int(k), bool(use_reference), bool(sparse_grad))
+    dense tensor that is zero outside the top-k entries. ``compute_dtype`` (e.g. ``torch.bfloat16``) runs the
+    weight-gradient GEMMs and the selection in that dtype (the input gradient stays in the input's dtype)."""
+    return _SparseLinear.apply(x, w_rot, bias, w_eff, u_out, u_in, int(k), bool(use_reference), bool(sparse_grad),
+                               compute_dtype)

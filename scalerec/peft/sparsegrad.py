@@ -1,0 +1,273 @@
+"""Apply SparseGrad / MeProp to a model: HOSVD calibration, layer swap, revert, and the sparse optimizer."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from scalerec.peft.config import GRAD_DTYPES, MePropConfig, SparseGradConfig, find_targets
+from scalerec.peft.layers import SparseGradLinear
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def default_loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Hugging Face convention: the batch is a dict of model kwargs including ``labels``; the output has ``loss``."""
+    return model(**batch).loss
+
+
+def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _top_eigvecs(gram: torch.Tensor) -> torch.Tensor:
+    """Orthogonal eigenvectors of a symmetric PSD matrix, columns sorted by decreasing eigenvalue."""
+    vals, vecs = torch.linalg.eigh(gram)
+    return vecs.flip(-1).contiguous()
+
+
+def calibrate_bases(model: nn.Module, targets: dict[str, list[str]], batches: Iterable[Any], steps: int,
+                    loss_fn: LossFn = default_loss_fn) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """HOSVD of the stacked weight gradients of each layer type, over ``steps`` calibration batches.
+
+    For a layer type with gradients ``G_{l,s}`` ([out, in], over its layers l and the steps s), the left singular
+    vectors of the output-dim unfolding ``[G_{1,1} G_{1,2} ...]`` are the eigenvectors of ``Σ G Gᵀ`` and those of
+    the input-dim unfolding are the eigenvectors of ``Σ Gᵀ G``: the Gram matrices are accumulated in float64
+    (memory out² + in² per type, never the whole stack) and diagonalised once. The model's weights are not
+    updated; ``requires_grad`` flags are restored afterwards.
+    """
+    modules = {n: model.get_submodule(n) for names in targets.values() for n in names}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in modules.values():
+        m.weight.requires_grad_(True)
+        m.weight.grad = None
+    grams = {t: [None, None] for t in targets}
+    done = 0
+    was_training = model.training
+    model.train()
+    try:
+        for batch in batches:
+            if done >= steps:
+                break
+            loss = loss_fn(model, batch)
+            loss.backward()
+            for t, names in targets.items():
+                for n in names:
+                    g = modules[n].weight.grad.detach().double()
+                    go, gi = g @ g.t(), g.t() @ g
+                    grams[t][0] = go if grams[t][0] is None else grams[t][0] + go
+                    grams[t][1] = gi if grams[t][1] is None else grams[t][1] + gi
+                    modules[n].weight.grad = None
+            done += 1
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        for m in modules.values():
+            m.weight.grad = None
+        model.train(was_training)
+    if done == 0:
+        raise ValueError("SparseGrad calibration got no batches (calibration_steps >= 1 batches are needed)")
+    bases = {}
+    for t, (go, gi) in grams.items():
+        dtype = modules[targets[t][0]].weight.dtype
+        bases[t] = (_top_eigvecs(go).to(dtype), _top_eigvecs(gi).to(dtype))
+    return bases
+
+
+def _swap(model: nn.Module, targets: dict[str, list[str]], make: Callable[[str, nn.Linear], SparseGradLinear]):
+    for t, names in targets.items():
+        for n in names:
+            parent, child = _get_parent(model, n)
+            setattr(parent, child, make(t, getattr(parent, child)))
+
+
+def apply_sparsegrad(model: nn.Module, config: SparseGradConfig, calibration_data: Iterable[Any] | None = None,
+                     loss_fn: LossFn = default_loss_fn,
+                     bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
+    """Replace the targeted linears of ``model`` (in place) by :class:`SparseGradLinear` and return the model.
+
+    The rotations come from ``bases`` ({pattern: (U_out, U_in)}) when given, else from an HOSVD calibration over
+    ``config.calibration_steps`` batches of ``calibration_data`` (``loss_fn(model, batch)`` gives the loss).
+    Only the rotated weights (and the targeted biases if ``config.train_bias``) of the targeted layers are made
+    trainable here; everything else keeps its ``requires_grad`` flag (freeze the rest yourself, e.g. with
+    :func:`freeze_except_head`).
+    """
+    if not isinstance(config, SparseGradConfig):
+        raise ValueError(f"apply_sparsegrad: config must be a SparseGradConfig, got {type(config).__name__}")
+    targets = find_targets(model, config.target_modules, "SparseGradConfig")
+    if bases is None:
+        if calibration_data is None:
+            raise ValueError("apply_sparsegrad: pass calibration_data (batches for the HOSVD) or precomputed bases")
+        bases = calibrate_bases(model, targets, calibration_data, config.calibration_steps, loss_fn)
+    for t, names in targets.items():
+        if t not in bases:
+            raise ValueError(f"apply_sparsegrad: bases has no entry for layer type {t!r}")
+        lin = model.get_submodule(names[0])
+        u_out, u_in = bases[t]
+        if tuple(u_out.shape) != (lin.out_features,) * 2 or tuple(u_in.shape) != (lin.in_features,) * 2:
+            raise ValueError(f"apply_sparsegrad: bases[{t!r}] must be ([{lin.out_features}]², [{lin.in_features}]²), "
+                             f"got {tuple(u_out.shape)}, {tuple(u_in.shape)}")
+    _swap(model, targets, lambda t, lin: SparseGradLinear(
+        lin, bases[t][0], bases[t][1], config.k_for(lin.out_features, lin.in_features), config.refresh_every,
+        config.train_bias, config.use_reference, GRAD_DTYPES[config.grad_dtype]))
+    model.sparsegrad_config = config
+    return model
+
+
+def apply_meprop(model: nn.Module, config: MePropConfig) -> nn.Module:
+    """MeProp baseline: the targeted linears keep their weight (no rotation) and get its top-k gradient."""
+    if not isinstance(config, MePropConfig):
+        raise ValueError(f"apply_meprop: config must be a MePropConfig, got {type(config).__name__}")
+    targets = find_targets(model, config.target_modules, "MePropConfig")
+    _swap(model, targets, lambda t, lin: SparseGradLinear(
+        lin, None, None, config.k_for(lin.out_features, lin.in_features), 1, config.train_bias,
+        config.use_reference, GRAD_DTYPES[config.grad_dtype]))
+    return model
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, SparseGradLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseGradLinear)]
+
+
+def revert_sparsegrad(model: nn.Module) -> nn.Module:
+    """Fold every :class:`SparseGradLinear` back into a plain ``nn.Linear`` (``W = U_out W~ U_inᵀ``), in place."""
+    for n, m in sparse_layers(model):
+        parent, child = _get_parent(model, n)
+        setattr(parent, child, m.revert())
+    if hasattr(model, "sparsegrad_config"):
+        del model.sparsegrad_config
+    return model
+
+
+class SparseGradOptimizer(torch.optim.Optimizer):
+    """Adam for a model with SparseGrad/MeProp layers: lazy (sparse) Adam on the rotated weights, AdamW elsewhere.
+
+    A rotated weight's step touches only the entries of its sparse gradient (their moments included), so exactly
+    k entries change per step; the layer's dense forward weight is then updated by the sparse delta. The Adam
+    moments of a rotated weight are kept for the entries seen so far only (a sorted index set grown as new
+    entries get selected), so their memory follows the union of selected entries, not the weight's size.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, sparse_lr: float | None = None, head_lr: float | None = None,
+                 head_names: Iterable[str] = ("classifier", "score")):
+        self._layers = {id(m.rotated_weight): m for _, m in sparse_layers(model)}
+        heads = tuple(head_names)
+        sparse, dense, head = [], [], []
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if id(p) in self._layers:
+                sparse.append(p)
+            elif head_lr is not None and any(h in n.split(".") for h in heads):
+                head.append(p)
+            else:
+                dense.append(p)
+        groups = []
+        if sparse:
+            groups.append({"params": sparse, "sparse": True, "lr": sparse_lr if sparse_lr is not None else lr,
+                           "weight_decay": 0.0})
+        if dense:
+            groups.append({"params": dense, "sparse": False, "lr": lr, "weight_decay": weight_decay})
+        if head:
+            groups.append({"params": head, "sparse": False, "lr": head_lr, "weight_decay": weight_decay})
+        if not groups:
+            raise ValueError("SparseGradOptimizer: the model has no trainable parameters")
+        super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                st["step"] = st.get("step", 0) + 1
+                t = st["step"]
+                if group["sparse"]:
+                    self._sparse_step(p, st, t, lr, b1, b2, eps)
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    g = g.to_dense()
+                if "m" not in st:
+                    st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                m, v = st["m"], st["v"]
+                if wd:
+                    p.mul_(1 - lr * wd)
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
+                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+        return loss
+
+    def _sparse_step(self, p, st, t, lr, b1, b2, eps):
+        g = p.grad
+        if g.is_sparse:
+            g = g.coalesce()
+            r, c = g.indices()
+            idx = r * p.shape[1] + c
+            val = g.values()
+        else:  # a dense gradient (e.g. from another backward): treat its nonzeros as the selected entries
+            flat = g.reshape(-1)
+            idx = flat.nonzero().squeeze(1)
+            val = flat[idx]
+        if idx.numel() == 0:
+            return
+        # lazy Adam with moments stored on a growing sorted set of entries
+        if "idx" not in st:
+            st["idx"] = idx.clone()
+            st["m"], st["v"] = torch.zeros_like(val), torch.zeros_like(val)
+            st["t"] = torch.zeros_like(idx)  # per-entry step counts for bias correction
+        known = st["idx"]
+        pos = torch.searchsorted(known, idx)
+        hit = (pos < known.numel()) & (known[pos.clamp(max=known.numel() - 1)] == idx)
+        if not bool(hit.all()):
+            new = idx[~hit]
+            merged, order = torch.sort(torch.cat([known, new]))
+            st["idx"] = merged
+            st["m"] = torch.cat([st["m"], torch.zeros_like(new, dtype=val.dtype)])[order]
+            st["v"] = torch.cat([st["v"], torch.zeros_like(new, dtype=val.dtype)])[order]
+            st["t"] = torch.cat([st["t"], torch.zeros_like(new)])[order]
+            known = merged
+            pos = torch.searchsorted(known, idx)
+        m = st["m"][pos].mul_(b1).add_(val, alpha=1 - b1)
+        v = st["v"][pos].mul_(b2).addcmul_(val, val, value=1 - b2)
+        te = st["t"][pos] + 1
+        st["m"][pos], st["v"][pos], st["t"][pos] = m, v, te
+        bc1 = 1 - b1 ** te.to(val.dtype)
+        bc2 = 1 - b2 ** te.to(val.dtype)
+        delta = -lr * (m / bc1) / ((v / bc2).sqrt() + eps)
+        flat = p.view(-1)
+        flat.index_add_(0, idx, delta)
+        layer = self._layers.get(id(p))
+        if layer is not None:
+            layer.apply_sparse_delta(idx, delta)
+
+
+def freeze_except_head(model: nn.Module, head_names: Iterable[str] = ("classifier", "score")) -> None:
+    """Freeze every parameter except those of the SparseGrad/MeProp layers and of the named head modules."""
+    heads = tuple(head_names)
+    for n, p in model.named_parameters():
+        parts = n.split(".")
+        p.requires_grad_(any(h in parts for h in heads))
+    for _, m in sparse_layers(model):
+        m.rotated_weight.requires_grad_(True)
+        if m.bias is not None:
+            m.bias.requires_grad_(m.train_bias)
+
+
+def count_trainable(model: nn.Module, sparse_as_k: bool = True) -> int:
+    """Trainable parameters; a SparseGrad/MeProp weight counts as its k entries updated per step."""
+    seen = {id(m.rotated_weight): m.k for _, m in sparse_layers(model)} if sparse_as_k else {}
+    return sum(seen.get(id(p), p.numel()) for p in model.parameters() if p.requires_grad)

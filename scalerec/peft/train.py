@@ -1,0 +1,287 @@
+"""One fine-tuning run (full / LoRA / MeProp / SparseGrad) on SST-2 (MiniLM) or tiny Shakespeare (SmolLM2).
+
+Shared by ``scalerec finetune`` and ``benchmarks/sparsegrad_sst2.py``. The methods differ only in which
+parameters train and how: the same model, data order, head, steps and seeds.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from scalerec.peft.config import LLAMA_MLP_TARGETS_WITH_GATE, MePropConfig, SparseGradConfig, find_targets
+from scalerec.peft.data import (classification_batches, lm_batches, lm_blocks, read_shakespeare, read_sst2,
+                                resolve_model)
+from scalerec.peft.lora import apply_lora, matched_lora_rank
+from scalerec.peft.sparsegrad import (SparseGradOptimizer, apply_meprop, apply_sparsegrad, count_trainable,
+                                      freeze_except_head, sparse_layers)
+
+METHODS = ("sparsegrad", "meprop", "lora", "full")
+TASKS = ("sst2", "shakespeare")
+HEAD_NAMES = ("classifier", "score")
+DEFAULT_LR = {"sparsegrad": 1e-3, "meprop": 1e-3, "lora": 1e-3, "full": 5e-5}
+
+
+@dataclass
+class FinetuneSettings:
+    method: str = "sparsegrad"
+    model: str = "minilm"
+    task: str = "sst2"
+    steps: int = 300
+    batch_size: int = 32
+    lr: float | None = None          # the method's parameters (None: DEFAULT_LR[method])
+    head_lr: float = 2e-3            # the fresh classification head
+    density: float = 0.01
+    grad_dtype: str = "float32"      # SparseGrad/MeProp weight-gradient GEMMs: float32 or bfloat16
+    calibration_steps: int = 20
+    lora_rank: int | None = None     # None: matched to SparseGrad's k per layer
+    lora_alpha: float | None = None
+    include_gate: bool = False       # LLaMA: also target gate_proj
+    seed: int = 0
+    max_length: int = 64
+    block: int = 64                  # causal LM: tokens per block
+    train_limit: int | None = None   # SST-2: use the first N rows of the bundled training subset
+    eval_limit: int | None = None    # SST-2 dev rows (None: all 872) / LM held-out blocks
+    data_dir: str | None = None
+    text: str | None = None
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}")
+        for name in ("steps", "batch_size", "calibration_steps", "max_length", "block"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not (0.0 < float(self.density) <= 1.0):
+            raise ValueError(f"density must be in (0, 1], got {self.density!r}")
+
+    @classmethod
+    def from_overrides(cls, base: dict, overrides: list[str]) -> "FinetuneSettings":
+        """Apply ``key=value`` strings (types from the dataclass fields) over ``base``."""
+        types = {f.name: f.type for f in fields(cls)}
+        out = dict(base)
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not key=value")
+            key, val = item.split("=", 1)
+            key = key.strip().replace("-", "_")
+            if key not in types:
+                raise ValueError(f"unknown setting {key!r}; allowed: {', '.join(sorted(types))}")
+            t = str(types[key])
+            if val.lower() in ("none", "null") and "None" in t:
+                out[key] = None
+            elif t.startswith("int"):
+                out[key] = int(val)
+            elif t.startswith("float"):
+                out[key] = float(val)
+            elif t.startswith("bool"):
+                if val.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(f"{key} must be true/false, got {val!r}")
+                out[key] = val.lower() in ("1", "true", "yes")
+            else:
+                out[key] = val
+        return cls(**out)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _load(s: FinetuneSettings):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder, gguf = resolve_model(s.model)
+    kw = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(folder, **kw)
+    torch.manual_seed(s.seed)  # the fresh head is the same for every method at one seed
+    if s.task == "sst2":
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, **kw)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, **kw)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    return model.float(), tok
+
+
+def _targets(s: FinetuneSettings, model: nn.Module) -> list[str] | None:
+    if s.task == "shakespeare" and s.include_gate:
+        return list(LLAMA_MLP_TARGETS_WITH_GATE)
+    return None
+
+
+def _named_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float = 0.0) -> list[dict]:
+    head, body = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (head if any(h in n.split(".") for h in HEAD_NAMES) else body).append(p)
+    groups = [{"params": body, "lr": lr, "weight_decay": weight_decay}]
+    if head:
+        groups.append({"params": head, "lr": head_lr, "weight_decay": weight_decay})
+    return groups
+
+
+def setup_method(s: FinetuneSettings, model: nn.Module, calibration_batches=None):
+    """Apply the method to ``model``; returns (model, optimizer, info dict)."""
+    lr = s.lr if s.lr is not None else DEFAULT_LR[s.method]
+    targets = _targets(s, model)
+    info: dict[str, Any] = {}
+    if s.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(_named_groups(model, lr, s.head_lr), lr=lr, weight_decay=0.0)
+        info["trainable"] = count_trainable(model)
+    elif s.method == "lora":
+        rank = s.lora_rank or matched_lora_rank(model, targets, density=s.density)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        heads = [h for h in HEAD_NAMES if any(h in n.split(".") for n, _ in model.named_modules())]
+        model = apply_lora(model, targets, rank, s.lora_alpha, modules_to_save=heads)
+        opt = torch.optim.AdamW(_named_groups(model, lr, s.head_lr), lr=lr, weight_decay=0.0)
+        info.update(lora_rank=rank, trainable=count_trainable(model))
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if s.method == "sparsegrad":
+            cfg = SparseGradConfig(target_modules=targets, density=s.density, calibration_steps=s.calibration_steps,
+                                   grad_dtype=s.grad_dtype)
+            t0 = time.perf_counter()
+            apply_sparsegrad(model, cfg, calibration_data=calibration_batches)
+            info["calibration_s"] = time.perf_counter() - t0
+        else:
+            apply_meprop(model, MePropConfig(target_modules=targets, density=s.density, grad_dtype=s.grad_dtype))
+        freeze_except_head(model, HEAD_NAMES)
+        opt = SparseGradOptimizer(model, lr=lr, sparse_lr=lr, head_lr=s.head_lr, head_names=HEAD_NAMES)
+        info["k_per_layer"] = {n: m.k for n, m in sparse_layers(model)[:2]}
+        info["trainable"] = count_trainable(model)
+    info["lr"] = lr
+    info["mlp_budget_per_step"] = _mlp_budget(model)
+    return model, opt, info
+
+
+def _mlp_budget(model: nn.Module) -> int:
+    """Parameters of the targeted MLP weights that change per step (k per SparseGrad/MeProp layer, LoRA A+B)."""
+    sl = sparse_layers(model)
+    if sl:
+        return sum(m.k for _, m in sl)
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches) -> dict:
+    was = model.training
+    model.eval()
+    correct = total = 0
+    loss_sum, tokens = 0.0, 0
+    for b in batches:
+        out = model(**b)
+        if out.logits.dim() == 2:  # classification
+            correct += int((out.logits.argmax(-1) == b["labels"]).sum())
+            total += b["labels"].numel()
+        else:
+            n = b["labels"][:, 1:].numel()
+            loss_sum += float(out.loss) * n
+            tokens += n
+    model.train(was)
+    if total:
+        return {"accuracy": correct / total, "n": total}
+    return {"loss": loss_sum / tokens, "perplexity": math.exp(loss_sum / tokens), "tokens": tokens}
+
+
+def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None, progress: bool = True,
+                 keep_model: bool = False) -> dict:
+    """Load, apply the method, train ``s.steps`` steps, evaluate before/after; returns the figures (and the model
+    under ``"_model"`` when ``keep_model``)."""
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    model, tok = _load(s)
+    if s.task == "sst2":
+        tr_x, tr_y = read_sst2("train", s.data_dir, s.train_limit)
+        dv_x, dv_y = read_sst2("dev", s.data_dir, s.eval_limit)
+        train_it = classification_batches(tok, tr_x, tr_y, s.batch_size, s.seed, s.max_length)
+        calib_it = classification_batches(tok, tr_x, tr_y, s.batch_size, s.seed + 1000, s.max_length)
+
+        def eval_batches():
+            return classification_batches(tok, dv_x, dv_y, 128, 0, s.max_length, shuffle=False)
+    else:
+        train_blocks, test_blocks = lm_blocks(tok, read_shakespeare(s.text), s.block)
+        if s.eval_limit:
+            test_blocks = test_blocks[: s.eval_limit]
+        train_it = lm_batches(train_blocks, s.batch_size, s.seed)
+        calib_it = lm_batches(train_blocks, s.batch_size, s.seed + 1000)
+
+        def eval_batches():
+            return lm_batches(test_blocks, 16, 0, shuffle=False)
+
+    before = evaluate(model, eval_batches()) if s.task == "shakespeare" else None
+    rss_loaded = peak_rss_mb()
+    model, opt, info = setup_method(s, model, calib_it)
+    model.train()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=s.steps, desc=f"{s.method}", disable=not progress, leave=False)
+    warm = min(3, s.steps - 1)
+    t_start = None
+    losses = []
+    for step, batch in enumerate(itertools.islice(train_it, s.steps), start=1):
+        if step == warm + 1:
+            t_start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if log is not None:
+            log({"event": "step", "step": step, "loss": losses[-1], "time": time.time()})
+    bar.close()
+    elapsed = time.perf_counter() - t_start if t_start is not None else float("nan")
+    rss_train = peak_rss_mb()
+    timed = s.steps - warm
+    after = evaluate(model, eval_batches())
+    res = {
+        "method": s.method, "task": s.task, "seed": s.seed, "steps": s.steps, "batch_size": s.batch_size,
+        "steps_per_s": timed / elapsed if elapsed > 0 else float("nan"),
+        "train_loss_first": losses[0], "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+        "peak_rss_mb": rss_train, "rss_after_load_mb": rss_loaded, "threads": torch.get_num_threads(),
+        **info,
+    }
+    if s.task == "sst2":
+        res["dev_accuracy"] = after["accuracy"]
+    else:
+        res["heldout_loss_before"] = before["loss"]
+        res["heldout_loss_after"] = after["loss"]
+    res["settings"] = asdict(s)
+    if log is not None:
+        log({"event": "result", **res})
+    if keep_model:
+        res["_model"] = model
+    return res
+
+
+def jsonl_logger(path: str) -> Callable[[dict], None]:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    f = open(path, "a", encoding="utf-8")
+
+    def log(rec: dict) -> None:
+        f.write(json.dumps(rec, default=str) + "\n")
+        f.flush()
+
+    return log
+
+

@@ -1,0 +1,287 @@
+"""SparseGrad / MeProp / LoRA on tiny random BERT and LLaMA models (CPU, seconds)."""
+import io
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+
+from scalerec.peft import (MePropConfig, SparseGradConfig, SparseGradLinear, SparseGradOptimizer, apply_lora,
+                           apply_meprop, apply_sparsegrad, calibrate_bases, count_trainable, find_targets,
+                           freeze_except_head, matched_lora_rank, revert_sparsegrad, sparse_layers)
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_bert(seed=0, dtype=torch.float32):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+                     max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg).to(dtype)
+
+
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg)
+
+
+def bert_batches(seed=0, n=8, length=10):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield {"input_ids": torch.randint(1, 60, (n, length), generator=g),
+               "attention_mask": torch.ones(n, length, dtype=torch.long),
+               "labels": torch.randint(0, 2, (n,), generator=g)}
+
+
+def llama_batches(seed=0, n=4, length=12):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        ids = torch.randint(0, 50, (n, length), generator=g)
+        yield {"input_ids": ids, "labels": ids}
+
+
+def sparsegrad_bert(density=0.1, dtype=torch.float32, **kw):
+    model = tiny_bert(dtype=dtype)
+    apply_sparsegrad(model, SparseGradConfig(density=density, calibration_steps=3, **kw),
+                     calibration_data=bert_batches(seed=1))
+    freeze_except_head(model)
+    return model
+
+
+def test_targets_bert_mlp_only():
+    t = find_targets(tiny_bert(), None)
+    assert t == {"intermediate.dense": ["bert.encoder.layer.0.intermediate.dense",
+                                        "bert.encoder.layer.1.intermediate.dense"],
+                 r"layer\.\d+\.output\.dense": ["bert.encoder.layer.0.output.dense",
+                                                "bert.encoder.layer.1.output.dense"]}
+
+
+def test_calibration_bases_are_orthogonal_hosvd():
+    model = tiny_bert()
+    targets = find_targets(model, None)
+    bases = calibrate_bases(model, targets, bert_batches(seed=1), 3)
+    # calibration leaves no gradients and no requires_grad changes behind
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    for t, (uo, ui) in bases.items():
+        lin = model.get_submodule(targets[t][0])
+        assert uo.shape == (lin.out_features,) * 2 and ui.shape == (lin.in_features,) * 2
+        torch.testing.assert_close(uo.t() @ uo, torch.eye(uo.shape[0]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ui.t() @ ui, torch.eye(ui.shape[0]), atol=1e-5, rtol=0)
+    # the first output direction carries at least as much of the calibration gradients' energy as the last one
+    grads = []
+    for b in itertools.islice(bert_batches(seed=1), 3):
+        model.zero_grad()
+        model(**b).loss.backward()
+        grads += [model.get_submodule(n).weight.grad.clone() for n in targets["intermediate.dense"]]
+    uo, ui = bases["intermediate.dense"]
+    energy = sum(((uo.t() @ g) ** 2).sum(1) for g in grads)
+    assert bool(energy[0] >= energy[-1]) and bool((energy[:-1] + 1e-6 >= energy[1:]).all())
+
+
+def test_reparametrised_layer_equals_original_before_training():
+    ref = tiny_bert()
+    model = sparsegrad_bert()
+    b = next(bert_batches(seed=5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**b).logits, ref(**b).logits, atol=1e-5, rtol=0)
+    # and the layer's rotated form ((x U_in) W~ᵀ) U_outᵀ + b gives the original linear's output
+    for n, layer in sparse_layers(model):
+        lin = ref.get_submodule(n)
+        x = torch.randn(5, lin.in_features)
+        rot = ((x @ layer.u_in) @ layer.rotated_weight.t()) @ layer.u_out.t() + layer.bias
+        torch.testing.assert_close(rot, lin(x), atol=1e-5, rtol=0)
+
+
+def test_density_one_update_equals_dense_update_in_rotated_basis():
+    """SGD with density 1.0 on W~ is plain SGD on W, seen in the rotated basis: W~' = U_outᵀ (W - lr ∇W) U_in."""
+    lr = 0.05
+    dense = tiny_bert(dtype=torch.float64)
+    model = sparsegrad_bert(density=1.0, dtype=torch.float64)
+    for p in dense.parameters():
+        p.requires_grad_(False)
+    names = [n for n, _ in sparse_layers(model)]
+    for n in names:
+        dense.get_submodule(n).weight.requires_grad_(True)
+    b = next(bert_batches(seed=7))
+    dense(**b).loss.backward()
+    model(**b).loss.backward()
+    for n, layer in sparse_layers(model):
+        assert layer.rotated_weight.grad.is_sparse
+        w_new = dense.get_submodule(n).weight - lr * dense.get_submodule(n).weight.grad
+        expected = layer.u_out.t() @ w_new @ layer.u_in
+        with torch.no_grad():
+            got = layer.rotated_weight - lr * layer.rotated_weight.grad.to_dense()
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    # through torch's SGD (sparse gradients) the result is the same
+    opt = torch.optim.SGD([l.rotated_weight for _, l in sparse_layers(model)], lr=lr)
+    opt.step()
+    for n, layer in sparse_layers(model):
+        w_new = dense.get_submodule(n).weight - lr * dense.get_submodule(n).weight.grad
+        torch.testing.assert_close(layer.rotated_weight.detach(), layer.u_out.t() @ w_new @ layer.u_in,
+                                   atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["sparsegrad", "meprop"])
+def test_exactly_k_entries_change_per_step(method):
+    if method == "sparsegrad":
+        model = sparsegrad_bert(density=0.1)
+    else:
+        model = tiny_bert()
+        apply_meprop(model, MePropConfig(density=0.1))
+        freeze_except_head(model)
+    opt = SparseGradOptimizer(model, lr=1e-2)
+    layers = sparse_layers(model)
+    assert len(layers) == 4
+    for b in itertools.islice(bert_batches(seed=3), 4):
+        before = [l.rotated_weight.detach().clone() for _, l in layers]
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        for (n, l), w0 in zip(layers, before):
+            changed = int((l.rotated_weight.detach() != w0).sum())
+            assert changed == l.k == round(0.1 * l.in_features * l.out_features), n
+            # the dense forward weight follows W~ exactly (sparse-by-dense update)
+            if method == "sparsegrad":
+                torch.testing.assert_close(l.w_eff, l.dense_weight(), atol=1e-6, rtol=1e-5)
+    # the training actually moves the loss on a fixed batch
+    b = next(bert_batches(seed=3))
+    l0 = float(model(**b).loss.detach())
+    for _ in range(15):
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert float(model(**b).loss) < l0
+
+
+def test_revert_is_exact_and_state_dict_round_trips():
+    model = sparsegrad_bert(density=0.2)
+    opt = SparseGradOptimizer(model, lr=1e-2)
+    for b in itertools.islice(bert_batches(seed=4), 5):
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    b = next(bert_batches(seed=9))
+    model.eval()
+    with torch.no_grad():
+        out = model(**b).logits
+    # state_dict save/load into a fresh SparseGrad model (other bases, other weights) restores the function
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    other = tiny_bert(seed=1)
+    apply_sparsegrad(other, SparseGradConfig(density=0.2, calibration_steps=2), calibration_data=bert_batches(seed=2))
+    buf.seek(0)
+    other.load_state_dict(torch.load(buf))
+    other.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(other(**b).logits, out, atol=1e-5, rtol=0)
+    # revert: plain nn.Linear layers with W = U_out W~ U_inᵀ, same outputs
+    layers = dict(sparse_layers(model))
+    revert_sparsegrad(model)
+    assert not sparse_layers(model)
+    for n, l in layers.items():
+        lin = model.get_submodule(n)
+        assert type(lin) is nn.Linear
+        torch.testing.assert_close(lin.weight, l.u_out @ l.rotated_weight.detach() @ l.u_in.t(), atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**b).logits, out, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_gradients_select_nearly_the_same_entries():
+    m32 = sparsegrad_bert(density=0.1)
+    m16 = sparsegrad_bert(density=0.1, grad_dtype="bfloat16")
+    b = next(bert_batches(seed=11))
+    m32(**b).loss.backward()
+    m16(**b).loss.backward()
+    for (_, a), (_, c) in zip(sparse_layers(m32), sparse_layers(m16)):
+        ga, gc = a.rotated_weight.grad.coalesce(), c.rotated_weight.grad.coalesce()
+        sa = set(map(tuple, ga.indices().t().tolist()))
+        sc = set(map(tuple, gc.indices().t().tolist()))
+        assert len(sa & sc) >= 0.9 * len(sa)
+        torch.testing.assert_close(gc.to_dense()[ga.to_dense() != 0].abs().sum(), ga.values().abs().sum(), rtol=0.05,
+                                   atol=0)
+
+
+def test_llama_mlp_sparsegrad_with_gate():
+    model = tiny_llama()
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    apply_sparsegrad(model, SparseGradConfig(target_modules=targets, density=0.05, calibration_steps=2),
+                     calibration_data=llama_batches(seed=1))
+    assert len(sparse_layers(model)) == 6
+    assert {n.rsplit(".", 1)[1] for n, _ in sparse_layers(model)} == {"gate_proj", "up_proj", "down_proj"}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    freeze_except_head(model, head_names=())
+    opt = SparseGradOptimizer(model, lr=1e-2)
+    b = next(llama_batches(seed=2))
+    l0 = float(model(**b).loss.detach())
+    for _ in range(10):
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert float(model(**b).loss) < l0
+
+
+def test_lora_baseline_runs_with_matched_budget():
+    model = tiny_bert()
+    rank = matched_lora_rank(model, None, density=0.25)
+    # k = 0.25 * 16 * 24 = 96 entries per layer vs rank * (16 + 24) = 40 per rank -> rank 2
+    assert rank == 2
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_model = apply_lora(model, None, rank, modules_to_save=["classifier"])
+    lora = [n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert len(lora) == 8 and all("attention" not in n for n in lora)
+    assert sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n) == 4 * rank * 40
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    b = next(bert_batches(seed=6))
+    l0 = float(peft_model(**b).loss.detach())
+    for _ in range(10):
+        peft_model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert float(peft_model(**b).loss) < l0
+
+
+def test_count_trainable_counts_k():
+    model = sparsegrad_bert(density=0.1)
+    head = sum(p.numel() for p in model.classifier.parameters())
+    biases = sum(l.bias.numel() for _, l in sparse_layers(model))
+    assert count_trainable(model) == head + biases + sum(l.k for _, l in sparse_layers(model))
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"density": 0.0}, "density"), ({"density": -0.1}, "density"), ({"density": 1.5}, "density"),
+    ({"k": 0}, "SparseGradConfig.k"), ({"calibration_steps": 0}, "calibration_steps"),
+    ({"target_modules": "up_proj"}, "target_modules"), ({"grad_dtype": "float16"}, "grad_dtype"),
+])
+def test_bad_config_is_a_clear_error(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SparseGradConfig(**kwargs)
+
+
+def test_bad_meprop_density():
+    with pytest.raises(ValueError, match=r"MePropConfig\.density must be a float in \(0, 1\]"):
+        MePropConfig(density=2.0)
+
+
+def test_missing_target_module_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"'up_proj' matches no nn.Linear"):
+        apply_sparsegrad(tiny_bert(), SparseGradConfig(target_modules=["up_proj"]), calibration_data=bert_batches())
+    with pytest.raises(ValueError, match=r"'nope' matches no nn.Linear"):
+        apply_meprop(tiny_llama(), MePropConfig(target_modules=["up_proj", "nope"]))
+    with pytest.raises(ValueError, match="calibration_data"):
+        apply_sparsegrad(tiny_bert(), SparseGradConfig())
+
+
+def test_sparsegrad_linear_type():
+    model = sparsegrad_bert()
+    assert all(isinstance(m, SparseGradLinear) for _, m in sparse_layers(model))
+    assert "attention" not in " ".join(n for n, _ in sparse_layers(model))
