@@ -91,7 +91,18 @@ std::tuple<at::Tensor, at::Tensor> bucket_topk_cpu(const at::Tensor& dirs_, cons
         for (int64_t b = 0; b < B; ++b) {
           auto& h = heaps[b];
           const scalar_t* row = sp + b * cn;
-          for (int64_t j = 0; j < cn; ++j) h.offer(row[j], c0 + j);
+          int64_t j = 0;
+          for (; j < cn && (int64_t)h.heap.size() < k; ++j) h.offer(row[j], c0 + j);
+          if (j == cn) continue;
+          // Heap full: within a task rows arrive in increasing id order, so a score equal to the worst kept one
+          // never ranks before it, and a strict comparison against the threshold suffices.
+          scalar_t thr = h.heap.front().val;
+          for (; j < cn; ++j) {
+            if (row[j] > thr) {
+              h.offer(row[j], c0 + j);
+              thr = h.heap.front().val;
+            }
+          }
         }
       }
       std::lock_guard<std::mutex> lock(mu);
