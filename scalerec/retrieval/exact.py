@@ -83,10 +83,11 @@ class ExactIndex(MipsIndex):
                     b = int(torch.searchsorted(ex_cols_cpu, torch.tensor(hi)))
                     if b > a:
                         s[ex_rows[a:b], ex_cols[a:b] - lo] = float("-inf")
-                cat = torch.cat([run_s, s], dim=1)
-                run_s, pos = torch.topk(cat, k, dim=1)
-                from_run = pos < k
-                run_i = torch.where(from_run, run_i.gather(1, pos.clamp(max=k - 1)), pos - k + lo)
+                # the tile's own top-k first (no copy of the [n, T] block), then a [n, 2k] merge
+                tv, tp = torch.topk(s, min(k, hi - lo), dim=1)
+                run_s, pos = torch.topk(torch.cat([run_s, tv], dim=1), k, dim=1)
+                tile_ids = torch.cat([run_i, tp + lo], dim=1)
+                run_i = tile_ids.gather(1, pos)
             # slots still at -inf (fewer than k items left after exclusion) have no item
             run_i = run_i.masked_fill(torch.isinf(run_s) & (run_s < 0), -1)
             out_s[q0:q1] = run_s
