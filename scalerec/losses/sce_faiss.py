@@ -14,7 +14,7 @@ current table. Memory per step: O(N·K) for the candidates plus the index (for `
 The index lives in a per-table state (keyed by the table tensor's identity, so the same loss object used on
 the same ``nn.Embedding`` keeps its index across steps). ``stats()`` reports, per state: steps, refreshes,
 seconds spent building/refreshing and searching — the refresh cost. With ``log_every`` > 0 the state also
-prints its stats every that many steps.
+prints its stats (one JSON object) to stderr every that many steps.
 
 YAML::
 
@@ -24,7 +24,8 @@ YAML::
 """
 from __future__ import annotations
 
-import logging
+import json
+import sys
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -35,9 +36,6 @@ import torch.nn.functional as F
 
 from scalerec.losses.registry import register_loss, sample_uniform_negatives
 from scalerec.ops import gather_dot
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class CandidateIndexState:
@@ -161,7 +159,7 @@ def sce_faiss(
             neg = torch.cat([neg, sample_uniform_negatives((N, int(num_uniform)), C, neg.device)], dim=1)
     state.steps += 1
     if log_every and state.steps % log_every == 0:
-        log.info("sce_faiss: %s", state.stats())
+        print(f"sce_faiss: {json.dumps(state.stats())}", file=sys.stderr, flush=True)
     neg = neg.to(hidden.device)
     pos = (hidden * table[targets]).sum(-1, keepdim=True)
     neg_logits = gather_dot(hidden, table, neg.clamp(min=0))
