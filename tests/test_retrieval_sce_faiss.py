@@ -95,15 +95,19 @@ def test_refresh_schedule_and_stale_selection():
     assert st.index.search(q, 1)[1].item() == 77  # after the refresh the index sees the new row
 
 
-@pytest.mark.parametrize("index,params", [("IVF16,Flat", {"nprobe": 4}), ("HNSW16", {"efSearch": 32}),
-                                          ("bucket", {})])
+@pytest.mark.parametrize("index,params", [("IVF16,Flat", {"nprobe": 4, "retrain_every": 1, "refresh_every": 1}),
+                                          ("HNSW16", {"efSearch": 32}),
+                                          ("bucket", {"index_params": {"n_buckets": 16, "bucket_size": 64}})])
 def test_approximate_indexes_train(index, params):
     hidden, table, targets = _data(C=2000, N=64)
     fn = get_loss("sce_faiss", index=index, num_negatives=32, num_uniform=8, **params)
-    loss = fn(hidden, table, targets)
-    gh, gt = torch.autograd.grad(loss, (hidden, table))
-    assert torch.isfinite(loss) and gh.abs().sum() > 0 and gt.abs().sum() > 0
-    assert gt[0].abs().sum() == 0  # the padding row is never a candidate
+    for _ in range(2):  # the second step refreshes (and, for IVF here, retrains)
+        loss = fn(hidden, table, targets)
+        gh, gt = torch.autograd.grad(loss, (hidden, table))
+        assert torch.isfinite(loss) and gh.abs().sum() > 0 and gt.abs().sum() > 0
+        assert gt[0].abs().sum() == 0  # the padding row is never a candidate
+    (st,) = sf.stats()
+    assert st["steps"] == 2 and st["builds"] + st["refreshes"] >= 1
 
 
 def test_bad_params_are_clear_errors():

@@ -21,6 +21,7 @@ YAML::
     loss:
       name: sce_faiss
       params: {index: "IVF1024,Flat", nprobe: 16, num_negatives: 256, num_uniform: 64, refresh_every: 100}
+      # index_params: {train_size: 100000}   # any other constructor argument of the index
 """
 from __future__ import annotations
 
@@ -128,6 +129,7 @@ def sce_faiss(
     nprobe: int | None = None,
     efSearch: int | None = None,
     log_every: int = 0,
+    index_params: dict | None = None,
     state: CandidateIndexState | None = None,
 ) -> torch.Tensor:
     """Loss of ``hidden [N, d]`` against ``table [C+1, d]`` with MIPS-index hard negatives (see module doc)."""
@@ -139,13 +141,13 @@ def sce_faiss(
     if refresh_every < 0:
         raise ValueError(f"sce_faiss: refresh_every must be >= 0 (0 = never refresh), got {refresh_every}")
     K = min(int(num_negatives), C)
-    index_params: dict[str, Any] = {}
+    index_params = dict(index_params or {})  # anything the index's constructor takes (train_size, n_buckets, ...)
     if nprobe is not None:
         index_params["nprobe"] = int(nprobe)
     if efSearch is not None:
         index_params["efSearch"] = int(efSearch)
     if state is None:
-        key = (index, tuple(sorted(index_params.items())), int(refresh_every), int(retrain_every))
+        key = (index, repr(sorted(index_params.items())), int(refresh_every), int(retrain_every))
         state = _state_for(
             table, key, lambda: CandidateIndexState(index, index_params, int(refresh_every), int(retrain_every))
         )
@@ -179,6 +181,7 @@ def sce_faiss(
         "nprobe": None,
         "efSearch": None,
         "log_every": 0,
+        "index_params": None,
         "state": None,
     },
 )
