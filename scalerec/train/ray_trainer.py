@@ -39,6 +39,7 @@ SCALEOUT_DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 0,  # steps between checkpoints; 0 = at the end of every epoch
         "num_to_keep": 2,
         "fail_at_step": -1,  # tests: rank 1 dies at this global step on the first attempt
+        "test_max_cases": 0,  # 0 = every test case
     }
 }
 ZERO_STAGES = (0, 1, 2, 3)
@@ -240,6 +241,24 @@ def sharded_evaluate(encode, table, evset, ks: Sequence[int], batch_size: int, m
 
 
 # ------------------------------------------------------------------------------------------- the worker
+def latest_complete_checkpoint(run_dir: str) -> str | None:
+    """The newest checkpoint directory of a run whose state and every table shard were written."""
+    import glob
+
+    best, best_step = None, -1
+    for d in glob.glob(os.path.join(run_dir, "checkpoint_*")):
+        try:
+            with open(os.path.join(d, "state.json")) as f:
+                st = json.load(f)
+        except (OSError, ValueError):
+            continue
+        shards = glob.glob(os.path.join(d, f"table-rank*-of-{st['world_size']:05d}.pt"))
+        if len(shards) == st["world_size"] and os.path.exists(os.path.join(d, "dense.pt")) \
+                and st["global_step"] > best_step:
+            best, best_step = d, st["global_step"]
+    return best
+
+
 def _log(msg: str) -> None:
     print(f"[scalerec worker] {msg}", flush=True)
 
@@ -247,6 +266,7 @@ def _log(msg: str) -> None:
 def train_loop_per_worker(config: dict) -> dict:
     import torch.distributed as dist
 
+    t_enter = time.time()
     cfg = OmegaConf.create(config["cfg"])
     so = cfg.scaleout
     use_gpu = bool(so.ray.use_gpu)
@@ -266,7 +286,9 @@ def train_loop_per_worker(config: dict) -> dict:
         deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     table_group = dist.new_group(backend="gloo") if W > 1 else None
     seed = int(cfg.trainer.seed)
+    t_import = time.time()
     data = DataSource(cfg)
+    t_data = time.time()
     torch.manual_seed(seed)
     dense = DenseSASRec(cfg)
     sdict = cfg.scaleout.table
@@ -275,10 +297,18 @@ def train_loop_per_worker(config: dict) -> dict:
                              dtype=str(sdict.dtype), optimizer=str(sdict.optimizer), lr=float(sdict.lr),
                              init_std=sdict.init_std, seed=seed)
     state = {"epoch": 1, "step": 0, "global_step": 0, "best": -1.0, "best_epoch": 0, "bad_epochs": 0,
-             "valid": {}, "test": {}, "elapsed": 0.0, "world_size": W, "restored_from": None}
-    ckpt = ray.train.get_checkpoint()
+             "valid": {}, "test": {}, "elapsed": 0.0, "world_size": W, "restored_from": None,
+             "restore_source": None}
+    ckpt, source = ray.train.get_checkpoint(), "ray"
+    if ckpt is None:
+        # a checkpoint written but not yet registered by the controller when a worker died is still complete
+        # in storage; use the newest complete one of this run (local storage only)
+        found = latest_complete_checkpoint(str(config["storage"]))
+        if found:
+            ckpt, source = Checkpoint.from_directory(found), "storage"
     if ckpt is None and str(cfg.trainer.resume):  # start a new run from another run's checkpoint (any W)
-        ckpt = Checkpoint.from_directory(str(cfg.trainer.resume))
+        ckpt, source = Checkpoint.from_directory(str(cfg.trainer.resume)), "trainer.resume"
+    state["restore_source"] = source if ckpt is not None else None
     same_world = False
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -287,7 +317,7 @@ def train_loop_per_worker(config: dict) -> dict:
             dense.load_state_dict(torch.load(os.path.join(d, "dense.pt"), weights_only=True))
             table.load(d)
             same_world = saved["world_size"] == W and os.path.isdir(os.path.join(d, "ds"))
-            state.update(saved, world_size=W, restored_from=saved["global_step"])
+            state.update(saved, world_size=W, restored_from=saved["global_step"], restore_source=source)
             _log(f"rank {rank}/{W}: restored step {saved['global_step']} (saved at W={saved['world_size']})")
     params = [p for p in dense.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=float(cfg.trainer.lr), betas=tuple(cfg.trainer.betas),
@@ -297,6 +327,9 @@ def train_loop_per_worker(config: dict) -> dict:
     if ckpt is not None and same_world:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(os.path.join(d, "ds"), tag="ds", load_module_strict=False)
+    if rank == 0:
+        _log(f"setup: imports + process group {t_import - t_enter:.1f}s, data {t_data - t_import:.1f}s, "
+             f"table + DeepSpeed engine {time.time() - t_data:.1f}s")
     loss_params = OmegaConf.to_container(cfg.loss.params, resolve=True) if cfg.loss.params is not None else {}
     loss_fn = get_loss(str(cfg.loss.name), **(loss_params or {}))
     ks = sorted({int(k) for k in cfg.eval.ks} | {10})
@@ -324,7 +357,7 @@ def train_loop_per_worker(config: dict) -> dict:
             if rank == 0:
                 torch.save(engine.module.state_dict(), os.path.join(d, "dense.pt"))
                 with open(os.path.join(d, "state.json"), "w") as f:
-                    json.dump({k: v for k, v in state.items() if k != "restored_from"}, f)
+                    json.dump({k: v for k, v in state.items() if k not in ("restored_from", "restore_source")}, f)
                 with open(os.path.join(d, "config.yaml"), "w") as f:
                     f.write(OmegaConf.to_yaml(cfg))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
@@ -343,6 +376,7 @@ def train_loop_per_worker(config: dict) -> dict:
             if g == int(so.fail_at_step) and rank == min(1, W - 1) and not os.path.exists(fail_marker):
                 open(fail_marker, "w").close()
                 _log(f"rank {rank}: injected failure at step {g}")
+                time.sleep(5)  # let the controller collect the last report (a real crash may lose it: see below)
                 os._exit(1)
             torch.manual_seed((seed * 1_000_003 + g) * 64 + rank)  # dropout: differs per rank
             rows = table.lookup(x)
@@ -368,7 +402,7 @@ def train_loop_per_worker(config: dict) -> dict:
         state["valid"] = valid
         if valid["NDCG@10"] > state["best"]:
             state["best"], state["best_epoch"], state["bad_epochs"] = valid["NDCG@10"], epoch, 0
-            state["test"] = evaluate("test", None)
+            state["test"] = evaluate("test", int(so.test_max_cases) or None)
         else:
             state["bad_epochs"] += 1
             stop = int(cfg.trainer.patience) > 0 and state["bad_epochs"] >= int(cfg.trainer.patience)
@@ -386,7 +420,8 @@ def train_loop_per_worker(config: dict) -> dict:
         report(metrics, True)
     final = {"best_epoch": state["best_epoch"], "valid": state["valid"], "test": state["test"],
              "epochs": int(state["epoch"]) - 1, "global_step": state["global_step"], "seconds": state["elapsed"],
-             "world_size": W, "restored_from": state["restored_from"], "final_loss": last_loss,
+             "world_size": W, "restored_from": state["restored_from"], "restore_source": state["restore_source"],
+             "final_loss": last_loss,
              "table_bytes": table.nbytes(), "step_losses": step_losses}
     if rank == 0:
         _log("final " + json.dumps({k: final[k] for k in ("best_epoch", "global_step", "seconds", "world_size")}))
@@ -404,7 +439,8 @@ def _init_ray(cfg: DictConfig):
         ray.init(address=address, log_to_driver=True)
     else:
         n = int(cfg.scaleout.ray.num_cpus) or os.cpu_count()
-        ray.init(num_cpus=n, include_dashboard=False, log_to_driver=True)
+        # address="local": a new in-process cluster, never one that `ray start` left running on this machine
+        ray.init(address="local", num_cpus=n, include_dashboard=False, log_to_driver=True)
 
 
 def run_distributed(cfg: DictConfig) -> dict:
