@@ -76,6 +76,8 @@ class FaissIndex(MipsIndex):
         self.seed = int(seed)
         self.query_batch = int(query_batch)
         self.index: Any = None
+        self._nlist = 0
+        self._is_hnsw = False
         self.on_gpu = False
         self._gpu_res = None
         self._gpu_device = 0
@@ -117,6 +119,17 @@ class FaissIndex(MipsIndex):
         table = self._check_table(item_table)
         C, d = table.size(0) - 1, table.size(1)
         index = self._make_cpu_index(d)
+        # the structure is read from the CPU index (a GPU IVF index is no faiss.IndexIVF)
+        ivf = _ivf_of(index)
+        self._nlist = int(ivf.nlist) if ivf is not None else 0
+        self._is_hnsw = _hnsw_of(index) is not None
+        # FAISS's factory turns on polysemous training for PQ (a code permutation for Hamming filtering,
+        # unused unless polysemous_ht is set): it costs ~10x the PQ training itself, so it is off here
+        for sub in (index, ivf):
+            if sub is not None and hasattr(sub, "do_polysemous_training"):
+                sub.do_polysemous_training = False
+        if ivf is not None:
+            ivf.cp.seed = self.seed
         self.on_gpu = False
         if self._want_gpu(table):
             index = self._to_gpu(index, table)
@@ -145,16 +158,10 @@ class FaissIndex(MipsIndex):
         return gpu_index
 
     def _train(self, xb: torch.Tensor, C: int) -> None:
-        ivf = self._ivf()
-        nlist = ivf.nlist if ivf is not None else 0
-        # FAISS's factory turns on polysemous training for PQ (a code permutation for Hamming filtering,
-        # unused unless polysemous_ht is set): it costs ~10x the PQ training itself, so it is off here
-        for idx in (self.index, ivf):
-            if idx is not None and hasattr(idx, "do_polysemous_training"):
-                idx.do_polysemous_training = False
+        nlist = self._nlist
         n = self.train_size or max(64 * nlist, 10240)
         n = min(int(n), C)
-        if ivf is not None and n < nlist:
+        if nlist and n < nlist:
             raise ValueError(
                 f"FaissIndex: {self.factory!r} needs at least nlist={nlist} training rows but the catalog has C={C}; "
                 "use a smaller nlist"
@@ -165,15 +172,7 @@ class FaissIndex(MipsIndex):
             sample = xb.index_select(0, rows).contiguous()
         else:
             sample = xb
-        if ivf is not None:
-            ivf.cp.seed = self.seed
         self.index.train(sample)
-
-    def _ivf(self):
-        try:
-            return faiss.extract_index_ivf(self.index)
-        except Exception:
-            return None
 
     def _as_faiss_input(self, x: torch.Tensor) -> torch.Tensor:
         """float32 contiguous; on the GPU for a GPU index, on the CPU otherwise (copies only when needed)."""
@@ -199,10 +198,9 @@ class FaissIndex(MipsIndex):
 
     def _apply_params(self) -> None:
         ps = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
-        ivf = self._ivf()
-        hnsw = self._hnsw()
+        hnsw = _hnsw_of(self.index) if self._is_hnsw else None
         if self.nprobe is not None:
-            if ivf is None:
+            if not self._nlist:
                 raise ValueError(f"FaissIndex: nprobe is an IVF parameter but {self.factory!r} has no IVF stage")
             ps.set_index_parameter(self.index, "nprobe", int(self.nprobe))
         if hnsw is not None:
@@ -212,13 +210,6 @@ class FaissIndex(MipsIndex):
                 hnsw.efSearch = int(self.efSearch)
         elif self.efSearch is not None or self.efConstruction is not None:
             raise ValueError(f"FaissIndex: efSearch/efConstruction are HNSW parameters but {self.factory!r} is not HNSW")
-
-    def _hnsw(self):
-        idx = self.index
-        if isinstance(idx, faiss.IndexPreTransform):
-            idx = faiss.downcast_index(idx.index)
-        idx = faiss.downcast_index(idx)
-        return getattr(idx, "hnsw", None)
 
     # ------------------------------------------------------------------ search / refresh
     @torch.no_grad()
@@ -248,7 +239,7 @@ class FaissIndex(MipsIndex):
     def refresh(self, item_table: torch.Tensor, retrain: bool = False) -> "FaissIndex":
         """Re-encode every row of the updated table; trained structures are kept unless ``retrain``."""
         table = self._check_table(item_table)
-        if self.index is None or retrain or self._hnsw() is not None:
+        if self.index is None or retrain or self._is_hnsw:
             return self.build(table)
         if table.size(0) - 1 != self.num_items or table.size(1) != self.dim:
             return self.build(table)
@@ -272,3 +263,19 @@ def _pq_friendly_dim(factory: str) -> int:
     """A dummy dimension divisible by the PQ m of the factory string (to validate it before the data exists)."""
     m = re.search(r"PQ(\d+)", factory)
     return max(8, int(m.group(1)) * 2) if m else 8
+
+
+def _ivf_of(index):
+    """The IndexIVF inside a CPU index (through pre-transforms / refine wrappers), or None."""
+    try:
+        return faiss.extract_index_ivf(index)
+    except Exception:
+        return None
+
+
+def _hnsw_of(index):
+    """The HNSW structure of a CPU index (through a pre-transform), or None."""
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexPreTransform):
+        idx = faiss.downcast_index(idx.index)
+    return getattr(idx, "hnsw", None)
