@@ -198,3 +198,15 @@ def test_make_index():
     assert isinstance(make_index("bucket", table, n_buckets=4, bucket_size=8, n_probe=2), BucketIndex)
     idx = make_index("HNSW16", table, efSearch=32)
     assert isinstance(idx, FaissIndex) and idx.search(torch.randn(3, 8), 4)[1].shape == (3, 4)
+
+
+def test_gpu_request_without_gpu_faiss_falls_back_to_cpu(monkeypatch):
+    import scalerec.retrieval.faiss_index as fi
+
+    monkeypatch.setattr(fi, "faiss_has_gpu", lambda: False)
+    table = torch.randn(101, 8)
+    with pytest.warns(UserWarning, match="no GPU support"):
+        idx = FaissIndex("Flat", table, device="cuda")
+    assert not idx.on_gpu
+    q = torch.randn(3, 8)
+    assert torch.equal(idx.search(q, 5)[1], brute_force_topk(q, table, 5)[1])
