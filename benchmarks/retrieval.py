@@ -1,7 +1,9 @@
 """MIPS retrieval benchmark: FAISS Flat / IVF-Flat / IVF-PQ / HNSW and ExactIndex on a synthetic table.
 
 The table ``[C+1, d]`` mimics trained item embeddings: items around ``clusters`` random centres with
-per-item noise and log-normal norms (popular items have larger norms), queries near random centres.
+per-item noise (``--noise``) and log-normal norms (``--norm-sigma``; popular items have larger norms),
+queries near random centres. Large norm spread makes MIPS easy for every method (the top items are the
+longest vectors); the defaults keep it small.
 For every index: build time, queries/s for ``--queries`` queries (top-``k``), recall@k against the exact
 top-k (``ExactIndex``), and the memory the index holds. IVF and HNSW are swept over ``nprobe`` /
 ``efSearch`` to give a recall-vs-QPS curve. Writes a Markdown table (``--md``) and a PNG plot (``--plot``)
@@ -30,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from scalerec.retrieval import BucketIndex, ExactIndex, FaissIndex  # noqa: E402
 
 
-def synthetic_table(C: int, d: int, clusters: int, seed: int, chunk: int = 1 << 20) -> torch.Tensor:
+def synthetic_table(C: int, d: int, clusters: int, seed: int, noise: float = 1.0, norm_sigma: float = 0.1,
+                    chunk: int = 1 << 20) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(clusters, d, generator=g)
     table = torch.empty(C + 1, d)
@@ -39,18 +42,18 @@ def synthetic_table(C: int, d: int, clusters: int, seed: int, chunk: int = 1 << 
         hi = min(C + 1, lo + chunk)
         n = hi - lo
         a = torch.randint(0, clusters, (n,), generator=g)
-        x = centres[a] + 0.7 * torch.randn(n, d, generator=g)
-        x *= torch.exp(0.25 * torch.randn(n, 1, generator=g)) / d ** 0.5
+        x = centres[a] + noise * torch.randn(n, d, generator=g)
+        x *= torch.exp(norm_sigma * torch.randn(n, 1, generator=g)) / d ** 0.5
         table[lo:hi] = x
     return table
 
 
-def synthetic_queries(n: int, d: int, clusters: int, seed: int) -> torch.Tensor:
+def synthetic_queries(n: int, d: int, clusters: int, seed: int, noise: float = 1.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(clusters, d, generator=g)  # the same centres (same seed) as the table
     g2 = torch.Generator().manual_seed(seed + 1)
     a = torch.randint(0, clusters, (n,), generator=g2)
-    return centres[a] + 0.7 * torch.randn(n, d, generator=g2)
+    return centres[a] + noise * torch.randn(n, d, generator=g2)
 
 
 def recall_at_k(ids: torch.Tensor, ref: torch.Tensor) -> float:
@@ -85,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=None, help="default 4096 (1024 with --quick)")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--clusters", type=int, default=None, help="default C / 1000")
+    ap.add_argument("--noise", type=float, default=1.5, help="item/query spread around the centres (centres ~ N(0, I))")
+    ap.add_argument("--norm-sigma", type=float, default=0.1, help="log-normal spread of the item norms")
     ap.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt(C) rounded to a power of 2)")
     ap.add_argument("--pq", type=int, default=16, help="PQ sub-quantizers m (bytes per code)")
     ap.add_argument("--threads", type=int, default=2)
@@ -104,8 +109,8 @@ def main(argv=None) -> int:
     faiss.omp_set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    table = synthetic_table(C, d, clusters, args.seed)
-    q = synthetic_queries(nq, d, clusters, args.seed)
+    table = synthetic_table(C, d, clusters, args.seed, args.noise, args.norm_sigma)
+    q = synthetic_queries(nq, d, clusters, args.seed, args.noise)
     print(f"table [{C + 1}, {d}] ({table.numel() * 4 / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f}s; "
           f"{nq} queries, k={k}, threads={args.threads}, nlist={nlist}", file=sys.stderr)
 
@@ -163,6 +168,7 @@ def main(argv=None) -> int:
     summary = {
         "benchmark": "retrieval",
         "C": C, "d": d, "queries": nq, "k": k, "threads": args.threads, "nlist": nlist, "clusters": clusters,
+        "noise": args.noise, "norm_sigma": args.norm_sigma,
         "faiss": faiss.__version__, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "rows": rows,
