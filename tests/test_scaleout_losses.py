@@ -25,7 +25,12 @@ CASES = [
     ("sce", {"n_buckets": 8, "bucket_size_x": 12, "bucket_size_y": 24, "tile": 16}),
     ("sce", {"n_buckets": 6, "bucket_size_x": 20, "bucket_size_y": 50, "mix_x": True}),
     ("sce", {"bucket_size_y": 130, "impl": "reference"}),  # n_b = b_x = 2 sqrt(N); b_y > one shard
+    ("rece", {"n_extra_chunks": 1}),  # default n_buckets from N and C
+    ("rece", {"n_buckets": 7, "n_extra_chunks": 0, "rounds": 3, "impl": "reference"}),
 ]
+# RECE's chunks cut buckets by item order: the single-process order (bucket, then id) is the sharded order
+# (bucket, rank, local row) when ranks hold contiguous id ranges, so RECE runs on the block layout
+LAYOUT_OF = {"rece": "block"}
 
 
 def _free_port() -> int:
@@ -54,7 +59,8 @@ def _worker(rank, world, port, layout, out_dir):
     pop = torch.arange(C + 1, 0, -1).float() if layout == "popularity" else None
     results = {"layout": ShardLayout(C, 2, layout, popularity=pop)}
     for i, (name, params) in enumerate(CASES):
-        table = ShardedItemTable(C, D, weight=table_d, layout=layout, popularity=pop)
+        lay = LAYOUT_OF.get(name, layout)
+        table = ShardedItemTable(C, D, weight=table_d, layout=lay, popularity=pop)
         h = hidden[sl].clone().requires_grad_(True)
         torch.manual_seed(100 + i)
         try:
@@ -63,7 +69,7 @@ def _worker(rank, world, port, layout, out_dir):
             results[(name, i)] = str(exc)
             continue
         loss.backward()
-        results[(name, i)] = (loss.detach(), h.grad, table.dense_grad())
+        results[(name, i)] = (loss.detach(), h.grad, table.dense_grad(), table.layout)
     # input lookup: rows fetched from owners, gradients sent back
     table = ShardedItemTable(C, D, weight=table_d, layout=layout, popularity=pop)
     rows = table.lookup(seqs[sl])
@@ -104,14 +110,14 @@ def test_distributed_loss_equals_single_process(two_ranks, case):
     ref = get_loss(name, **params)(h, t, targets)
     ref.backward()
     assert not isinstance(res[0][(name, case)], str), res[0][(name, case)]
-    (l0, gh0, gt0), (l1, gh1, gt1) = res[0][(name, case)], res[1][(name, case)]
+    (l0, gh0, gt0, lay), (l1, gh1, gt1, _) = res[0][(name, case)], res[1][(name, case)]
     assert torch.allclose(l0, ref.detach(), atol=1e-5, rtol=1e-5), (name, l0, ref)
     assert torch.allclose(l1, ref.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat([gh0, gh1]), h.grad, atol=1e-5, rtol=1e-5)
     # each row's gradient lives only on its owner; their sum is the dense gradient
     torch.testing.assert_close(gt0 + gt1, t.grad, atol=1e-5, rtol=1e-5)
     assert t.grad.abs().sum() > 0
-    owners = res[0]["layout"].owner(torch.arange(1, C + 1))
+    owners = lay.owner(torch.arange(1, C + 1))
     assert torch.all(gt0[1:][owners == 1] == 0) and torch.all(gt1[1:][owners == 0] == 0)
 
 

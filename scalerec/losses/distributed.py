@@ -178,6 +178,110 @@ def _on_rows(H, T, table, need_grad, want: torch.Tensor, fn):
     return loss, gH, [(ids, gR)], None
 
 
+# ---------------------------------------------------------------------------------------------- rece
+def _item_chunks(table, directions_r: torch.Tensor, cy: int, tile: int) -> torch.Tensor:
+    """Chunk id of each local row for one round: items sorted (stably) by bucket, then cut every ``cy``.
+
+    The global order is bucket, then rank, then local order: with the ``block`` layout (contiguous id ranges)
+    that is the single-process order (bucket, then id); other layouts give an equally valid order within a
+    bucket. Only the per-bucket counts of every rank are communicated (one all-gather of ``n_b`` ints)."""
+    from scalerec.ops.chunk_ce import bucket_argmax
+
+    K = directions_r.size(0)
+    buckets = torch.empty(table.n_local, dtype=torch.long)
+    for a, b, rows in table.tiles(_SCAN_ROWS):
+        buckets[a:b] = bucket_argmax(directions_r, rows, row_start=0, tile=tile)
+    counts = torch.bincount(buckets, minlength=K)
+    allc, _ = coll.all_gather_varlen(counts.unsqueeze(0), table.group)  # [W, K]
+    start = torch.cumsum(allc.sum(0), 0) - allc.sum(0) + allc[: table.rank].sum(0)  # first slot of my bucket b
+    order = torch.sort(buckets, stable=True).indices
+    sb = buckets[order]
+    within = torch.arange(table.n_local) - (torch.cumsum(counts, 0) - counts)[sb]
+    pos = torch.empty(table.n_local, dtype=torch.long)
+    pos[order] = start[sb] + within
+    return pos // cy
+
+
+def dist_rece(hidden, table, targets, n_buckets=None, n_extra_chunks=1, rounds=1, impl="cpp", tile=65536,
+              generator=None):
+    """RECE over a row-sharded table. Queries are all-gathered and chunked identically on every rank; each
+    rank scores every query chunk against the rows it owns in that chunk's item neighbourhood (union over
+    rounds: the single-process -log(count) correction makes a duplicate count once), a per-query partial
+    (max, sum-exp) is all-reduced as in ``ce``. Equal to the single-process RECE with the ``block`` layout."""
+    from scalerec.losses.rece import default_n_buckets
+
+    n_ec = int(n_extra_chunks)
+    if n_ec < 0:
+        raise ValueError(f"rece: n_extra_chunks must be >= 0, got {n_extra_chunks}")
+    if int(rounds) <= 0:
+        raise ValueError(f"rece: rounds must be positive, got {rounds}")
+
+    def compute(H, T, table, need_grad):
+        N, C, d = H.size(0), table.num_items, H.size(1)
+        K = default_n_buckets(N, C, n_ec) if n_buckets is None else int(n_buckets)
+        if K <= 0:
+            raise ValueError(f"rece: n_buckets must be positive, got {n_buckets}")
+        R = int(rounds)
+        dirs = torch.randn(R, K, d, generator=generator, dtype=H.dtype)
+        cx, cy = math.ceil(N / K), math.ceil(C / K)
+        qchunk = torch.empty(R, N, dtype=torch.long)
+        ichunk = torch.empty(R, table.n_local, dtype=torch.long)
+        for r in range(R):
+            qb = (H @ dirs[r].t()).argmax(1)
+            qchunk[r, torch.sort(qb, stable=True).indices] = torch.arange(N) // cx
+            ichunk[r] = _item_chunks(table, dirs[r], cy, int(tile))
+        local_ids = table.local_ids()
+        by_chunk = [torch.sort(ichunk[r], stable=True) for r in range(R)]
+
+        def blocks():
+            """(query idx, local row idx, mask of the pairs that count) per (round, query chunk)."""
+            for r in range(R):
+                sc, si = by_chunk[r]
+                for k in range(K):
+                    q = (qchunk[r] == k).nonzero().squeeze(1)
+                    lo, hi = torch.searchsorted(sc, torch.tensor([k - n_ec, k + n_ec + 1]))
+                    items = si[lo:hi]
+                    if q.numel() == 0 or items.numel() == 0:
+                        continue
+                    keep = local_ids[items].unsqueeze(0) != T[q].unsqueeze(1)  # the positive is masked
+                    for r0 in range(r):  # counted already in an earlier round: a duplicate
+                        keep &= (qchunk[r0, q].unsqueeze(1) - ichunk[r0, items].unsqueeze(0)).abs() > n_ec
+                    yield q, items, keep
+
+        m = torch.full((N,), -math.inf)
+        ssum = torch.zeros(N)
+        for q, items, keep in blocks():
+            lg = (H[q] @ table.weight[items].float().t()).masked_fill(~keep, -math.inf)
+            bm = torch.maximum(m[q], lg.max(1).values)
+            ok = torch.isfinite(bm)
+            e = torch.where(ok.unsqueeze(1), torch.exp(lg - bm.unsqueeze(1)), torch.zeros_like(lg)).sum(1)
+            ssum[q] = torch.where(ok, ssum[q] * torch.exp(m[q] - bm) + e, ssum[q])
+            m[q] = bm
+        t_rows = table.gather_replicated(T)
+        pos = (H * t_rows).sum(1)
+        M = coll.all_reduce(torch.maximum(m, pos), "max", table.group)  # pos is the same on every rank
+        part = torch.where(torch.isfinite(m), ssum * torch.exp(m - M), torch.zeros_like(ssum))
+        total = coll.all_reduce(part, "sum", table.group) + torch.exp(pos - M)
+        lse = M + torch.log(total)
+        loss = (lse - pos).mean()
+        if not need_grad:
+            return loss, None, None, None
+        gH = torch.zeros_like(H)
+        g_local = torch.zeros(table.n_local, d)
+        for q, items, keep in blocks():
+            rows = table.weight[items].float()
+            p = torch.exp(H[q] @ rows.t() - lse[q].unsqueeze(1)).masked_fill_(~keep, 0.0).div_(N)
+            gH.index_add_(0, q, p @ rows)
+            g_local.index_add_(0, items, p.t() @ H[q])
+        coll.all_reduce(gH, "sum", table.group)
+        coef = ((1.0 - torch.exp(pos - lse)) / N).unsqueeze(1)
+        gH -= coef * t_rows
+        touched = (g_local != 0).any(1).nonzero().squeeze(1)
+        return loss, gH, [(T, -coef * H)], [(touched, g_local[touched])]
+
+    return _apply(hidden, table, targets, compute)
+
+
 # ---------------------------------------------------------------------------------------------- ce_sampled
 def dist_ce_sampled(hidden, table, targets, num_negatives=256, sampling="uniform", logq_correction=True):
     C = table.num_items
@@ -214,4 +318,5 @@ def dist_ce_sampled(hidden, table, targets, num_negatives=256, sampling="uniform
     return _apply(hidden, table, targets, compute)
 
 
-DISTRIBUTED_LOSSES: dict[str, Callable] = {"ce": dist_ce, "sce": dist_sce, "ce_sampled": dist_ce_sampled}
+DISTRIBUTED_LOSSES: dict[str, Callable] = {"ce": dist_ce, "sce": dist_sce, "rece": dist_rece,
+                                           "ce_sampled": dist_ce_sampled}

@@ -263,6 +263,16 @@ def _log(msg: str) -> None:
     print(f"[scalerec worker] {msg}", flush=True)
 
 
+def _peak_rss_all(group) -> list[int]:
+    """Peak resident set size (bytes) of every rank's process, gathered on every rank."""
+    import resource
+
+    from scalerec.models import collectives as coll
+
+    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024], dtype=torch.long)
+    return [int(v) for v in coll.all_gather_varlen(mine, group)[0]]
+
+
 def train_loop_per_worker(config: dict) -> dict:
     import torch.distributed as dist
 
@@ -368,6 +378,7 @@ def train_loop_per_worker(config: dict) -> dict:
     stop = False
     last_loss = float("nan")
     step_losses: list[tuple[int, float]] = []  # (global step, loss) of this attempt
+    train_seconds = 0.0  # time in training steps of this attempt (no evaluation, no checkpoints)
     while state["epoch"] <= epochs and not stop:
         epoch = int(state["epoch"])
         losses = []
@@ -378,6 +389,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 _log(f"rank {rank}: injected failure at step {g}")
                 time.sleep(5)  # let the controller collect the last report (a real crash may lose it: see below)
                 os._exit(1)
+            t_step = time.perf_counter()
             torch.manual_seed((seed * 1_000_003 + g) * 64 + rank)  # dropout: differs per rank
             rows = table.lookup(x)
             h = engine(x, rows)
@@ -387,6 +399,7 @@ def train_loop_per_worker(config: dict) -> dict:
             engine.backward(loss * W)  # DeepSpeed averages the dense gradients over W; the loss is the global mean
             engine.step()
             table.step(grad_scale=1.0 / W)
+            train_seconds += time.perf_counter() - t_step
             last_loss = float(loss.detach())
             losses.append(last_loss)
             step_losses.append((g, last_loss))
@@ -422,7 +435,8 @@ def train_loop_per_worker(config: dict) -> dict:
              "epochs": int(state["epoch"]) - 1, "global_step": state["global_step"], "seconds": state["elapsed"],
              "world_size": W, "restored_from": state["restored_from"], "restore_source": state["restore_source"],
              "final_loss": last_loss,
-             "table_bytes": table.nbytes(), "step_losses": step_losses}
+             "table_bytes": table.nbytes(), "step_losses": step_losses, "train_seconds": train_seconds,
+             "global_batch": data.B, "peak_rss_per_rank": _peak_rss_all(table.group)}
     if rank == 0:
         _log("final " + json.dumps({k: final[k] for k in ("best_epoch", "global_step", "seconds", "world_size")}))
     return final

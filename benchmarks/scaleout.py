@@ -1,0 +1,218 @@
+"""Scale-out benchmark: row-sharded table memory, ZeRO-3 vs row-sharded peak, W=2 vs W=1 throughput with SCE,
+the memory model against measurement, and the largest catalog trained on this machine.
+
+    python benchmarks/scaleout.py --quick            # ~2-4 minutes (smaller catalogs; says which)
+    python benchmarks/scaleout.py                    # C = 10^6 / 10^7 as in the issue
+    python benchmarks/scaleout.py --only largest --largest 1e8   # the 10^8 run alone (needs ~15 GB)
+
+Every training run goes through the real trainer (``run_distributed``: Ray Train workers, DeepSpeed for the
+dense part, the row-sharded table, the distributed SCE) on the synthetic Zipf/cluster catalog. The ZeRO-3
+comparison runs two gloo processes with DeepSpeed ZeRO-3 holding the table as an ordinary ``nn.Embedding``
+parameter, against the same dense model with the row-sharded table. The last line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+GB = 1e9
+
+
+def _cfg(items: float, workers: int, steps: int, out: str, name: str, **over):
+    from scalerec.train.ray_trainer import load_scaleout_config
+
+    spec = f"synthetic:items={int(items)},users=1000000,clusters={min(2000, int(items) // 50)},len=50,eval_users=256"
+    ov = [f"data.path={spec}", f"trainer.workers={workers}", "trainer.epochs=1", f"trainer.max_steps_per_epoch={steps}",
+          "trainer.batch_size=128", "model.maxlen=50", "model.dropout=0.2", "loss.name=sce",
+          "loss.params.n_buckets=32", "loss.params.bucket_size_x=64", "loss.params.bucket_size_y=128",
+          "loss.params.tile=8192", "eval.valid_max_cases=64", "eval.batch_size=64", "scaleout.test_max_cases=64",
+          "scaleout.table.dtype=bf16", "scaleout.table.optimizer=adagrad", "scaleout.table.layout=snake",
+          "scaleout.threads_per_worker=1", f"scaleout.ray.num_cpus={max(2, workers)}", f"output_dir={out}/{name}",
+          f"scaleout.ray.storage_path={out}/ray", f"scaleout.ray.name={name}", "trainer.progress=false"]
+    ov += [f"{k}={v}" for k, v in over.items()]
+    return load_scaleout_config(os.path.join(REPO, "launch", "configs", "synthetic_1e7.yaml"), ov)
+
+
+def run(items, workers, steps, out, name, log, **over):
+    from scalerec.train.ray_trainer import run_distributed
+    from scalerec.train.plan import plan
+
+    cfg = _cfg(items, workers, steps, out, name, **over)
+    t = time.time()
+    r = run_distributed(cfg)
+    n = len(r["step_losses"])
+    p = plan(int(items), 64, workers, "sce", "bf16", "adagrad", 128, 50, 2, 1, 2, n_buckets=32, bucket_size_x=64,
+             bucket_size_y=128, tile=8192)
+    rec = {"items": int(items), "workers": workers, "steps": n, "seconds_per_step": r["train_seconds"] / max(n, 1),
+           "samples_per_s": r["global_batch"] * n / max(r["train_seconds"], 1e-9),
+           "peak_rss_per_rank": r["peak_rss_per_rank"], "table_bytes": r["table_bytes"],
+           "plan_total": p["total"], "wall_s": time.time() - t, "final_loss": r["final_loss"],
+           "valid_ndcg10": r["valid"].get("NDCG@10")}
+    rec["plan_error"] = abs(p["total"] - max(rec["peak_rss_per_rank"])) / max(rec["peak_rss_per_rank"])
+    log(f"C={int(items):.0e} W={workers}: {rec['seconds_per_step']:.3f} s/step, {rec['samples_per_s']:.1f} seq/s, "
+        f"peak RSS/rank {[round(b / GB, 2) for b in rec['peak_rss_per_rank']]} GB, plan {p['total'] / GB:.2f} GB "
+        f"(err {rec['plan_error']:.2f})")
+    return rec
+
+
+# ------------------------------------------------------------------------------------------- ZeRO-3 vs sharded
+def _zero3_worker(rank, world, port, items, mode, steps, out_file):
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+    import deepspeed
+    from omegaconf import OmegaConf
+
+    from scalerec.losses import get_loss
+    from scalerec.models.sharded_table import ShardedItemTable
+    from scalerec.train.ray_trainer import SCALEOUT_DEFAULTS, DenseSASRec
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = OmegaConf.create({"model": {"maxlen": 50, "hidden": 64, "num_blocks": 2, "num_heads": 1, "dropout": 0.0},
+                            **SCALEOUT_DEFAULTS})
+    torch.manual_seed(0)
+    C, B, L = int(items), 64, 50
+    ds = {"train_micro_batch_size_per_gpu": B // world, "gradient_accumulation_steps": 1,
+          "zero_optimization": {"stage": 3, "overlap_comm": False, "stage3_param_persistence_threshold": 0},
+          "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    loss_fn = get_loss("ce_sampled", num_negatives=256)
+
+    class WithTable(torch.nn.Module):  # the table as an ordinary parameter: ZeRO-3 partitions and gathers it
+        def __init__(self):
+            super().__init__()
+            self.dense = DenseSASRec(cfg)
+            self.table = torch.nn.Embedding(C + 1, 64)
+
+        def forward(self, x, y):
+            h = self.dense(x, self.table(x))
+            m = y > 0
+            return loss_fn(h[m], self.table.weight, y[m])
+
+    g = torch.Generator().manual_seed(rank)
+    if mode == "zero3":
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            model = WithTable()
+        params = [p for p in model.parameters() if p.requires_grad]
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.Adagrad(params, lr=0.05),
+                                          model_parameters=params, config=ds)
+        for _ in range(steps):
+            x = torch.randint(1, C + 1, (B // world, L), generator=g)
+            loss = engine(x, torch.roll(x, -1, 1))
+            engine.backward(loss)
+            engine.step()
+    else:
+        dense = DenseSASRec(cfg)
+        table = ShardedItemTable(C, 64, group=dist.new_group(backend="gloo"), dtype="fp32", optimizer="adagrad")
+        params = [p for p in dense.parameters() if p.requires_grad]
+        engine, *_ = deepspeed.initialize(model=dense, optimizer=torch.optim.Adam(params), model_parameters=params,
+                                          config=ds)
+        for _ in range(steps):
+            x = torch.randint(1, C + 1, (B // world, L), generator=g)
+            y = torch.roll(x, -1, 1)
+            h = engine(x, table.lookup(x))
+            m = y > 0
+            torch.manual_seed(0)
+            loss = loss_fn(h[m], table, y[m])
+            engine.backward(loss * world)
+            engine.step()
+            table.step(grad_scale=1.0 / world)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open(f"{out_file}.{rank}", "w") as f:
+        json.dump({"peak": peak}, f)
+    dist.destroy_process_group()
+
+
+def zero3_vs_sharded(items, out, log, steps=2):
+    import torch.multiprocessing as mp
+
+    res = {}
+    for mode in ("sharded", "zero3"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        f = os.path.join(out, f"z3_{mode}")
+        t = time.time()
+        mp.spawn(_zero3_worker, args=(2, port, items, mode, steps, f), nprocs=2, join=True)
+        res[mode] = max(json.load(open(f"{f}.{r}"))["peak"] for r in range(2))
+        log(f"{mode} C={int(items):.0e}: peak RSS/rank {res[mode] / GB:.2f} GB ({time.time() - t:.0f}s)")
+    return res["zero3"] / res["sharded"], res
+
+
+# ------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.path.join(REPO, "runs", "bench_scaleout"))
+    ap.add_argument("--largest", type=float, default=0, help="also train this catalog size with W=2 (e.g. 1e8)")
+    ap.add_argument("--largest-steps", type=int, default=20)
+    ap.add_argument("--only", default="", help="comma list of parts: memory,throughput,zero3,largest")
+    ap.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results", "scaleout.json"))
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    log = lambda m: print(f"[scaleout] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    parts = set(args.only.split(",")) if args.only else {"memory", "throughput", "zero3"} | (
+        {"largest"} if args.largest else set())
+    small, big = (1e5, 1e6) if args.quick else (1e6, 1e7)
+    steps = 4 if args.quick else 10
+    prev = json.load(open(args.results)) if os.path.exists(args.results) and args.only else {}
+    fig = dict(prev.get("figures", {}))
+    runs = list(prev.get("runs", []))
+    fig.update(quick=args.quick)
+
+    import ray
+
+    if parts - {"zero3"}:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if "throughput" in parts or "memory" in parts:
+        r1 = run(small, 1, steps, args.out, f"w1_{int(small)}", log)
+        r2 = run(small, 2, steps, args.out, f"w2_{int(small)}", log)
+        rb = run(big, 2, steps, args.out, f"w2_{int(big)}", log)
+        runs += [r1, r2, rb]
+        fig["samples_per_s_ratio_w2_w1"] = r2["samples_per_s"] / r1["samples_per_s"]
+        fig["samples_per_s_catalog"] = int(small)
+        fig["plan_error_max"] = max(r2["plan_error"], rb["plan_error"])
+        fig["plan_catalogs"] = [int(small), int(big)]
+        from scalerec.models.sharded_table import ShardedItemTable
+
+        one = ShardedItemTable(int(big), 64, dtype="bf16", optimizer="adagrad")  # W = 1: the whole table
+        w1 = sum(one.nbytes().values())
+        del one
+        fig["table_bytes_per_rank_ratio_w2_w1"] = sum(rb["table_bytes"].values()) / w1
+        fig["table_bytes_catalog"] = int(big)
+    if "zero3" in parts:
+        ratio, peaks = zero3_vs_sharded(big if not args.quick else small * 10, args.out, log)
+        fig["zero3_over_sharded_peak_ratio"] = ratio
+        fig["zero3_catalog"] = int(big if not args.quick else small * 10)
+        fig["zero3_peak_rss_gb"] = {k: v / GB for k, v in peaks.items()}
+    if "largest" in parts and args.largest:
+        try:
+            rl = run(args.largest, 2, args.largest_steps, args.out, f"w2_{int(args.largest)}", log,
+                     **{"loss.params.n_buckets": 16, "eval.valid_max_cases": 32, "scaleout.test_max_cases": 32})
+            runs.append(rl)
+            fig.update(largest_catalog_trained=int(args.largest), seconds_per_step=rl["seconds_per_step"],
+                       peak_rss_per_rank_gb=max(rl["peak_rss_per_rank"]) / GB, largest_steps=rl["steps"])
+        except Exception as exc:  # report what stopped it
+            fig.update(largest_catalog_failed=int(args.largest), largest_error=str(exc)[:300])
+    if ray.is_initialized():
+        ray.shutdown()
+    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    with open(args.results, "w") as f:
+        json.dump({"figures": fig, "runs": runs}, f, indent=1)
+    print(json.dumps(fig))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
