@@ -1,6 +1,8 @@
 """Regenerating texts from fitted vectors."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .model import LoadedLM
@@ -53,13 +55,14 @@ def decode_ar(lm: LoadedLM, vectors, lengths) -> list[list[int]]:
         raise ValueError(f"{B} vector sets but {len(lens)} lengths")
     L = max(lens)
     emb = lm.embedding
+    # transformers 5 renamed `past_key_values` to `cache`; accept both
+    key = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
     out = lm.model(inputs_embeds=v, use_cache=True)
-    past = out.past_key_values
     nxt = out.logits[:, -1, :].argmax(-1)
     ids = [nxt]
     for _ in range(L - 1):
-        out = lm.model(inputs_embeds=emb(nxt).unsqueeze(1), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        past = getattr(out, "cache", None) or out.past_key_values
+        out = lm.model(inputs_embeds=emb(nxt).unsqueeze(1), use_cache=True, **{key: past})
         nxt = out.logits[:, -1, :].argmax(-1)
         ids.append(nxt)
     allids = torch.stack(ids, dim=1).cpu()

@@ -208,6 +208,7 @@ class ShardFitter:
         from .fitting import FitConfig
         from .model import load_causal_lm
 
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(max(1, int(spec.threads)))
         self.spec = spec
         self.lm = load_causal_lm(spec.model, dtype=spec.dtype, device=spec.device)
@@ -328,9 +329,8 @@ def run_job(spec: JobSpec, ray_address: str | None = None, progress: bool = True
     try:
         n_workers = max(1, min(spec.workers, len(pending)))
         Actor = ray.remote(num_cpus=spec.threads)(ShardFitter)
-        env = {"OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads),
-               "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
-        actors = [Actor.options(runtime_env={"env_vars": env}).remote(spec, shared) for _ in range(n_workers)]
+        # (Ray gives each actor OMP_NUM_THREADS = its num_cpus; a local Ray inherits this process's environment)
+        actors = [Actor.remote(spec, shared) for _ in range(n_workers)]
         queue = list(pending)
         running: dict = {}
         bar = tqdm(total=sum(len(shards[k]) for k in pending), unit="text", desc="encode", disable=not progress)

@@ -1,0 +1,182 @@
+"""How many tokens SmolLM2-135M reproduces from 2 one-step vectors, 1 shared-m vector, or 1 AR [mem] vector;
+fitting throughput at batch sizes 1/8/32; Ray scaling of the encoding job (2 workers vs 1).
+
+    python benchmarks/llm_capacity.py --quick                       # <= ~2 min: 8/16-token ladder, 2 passages
+    python benchmarks/llm_capacity.py --sections capacity --lengths 16,32,64 --passages 5 --max-steps 1500
+    python benchmarks/llm_capacity.py --sections throughput,ray
+
+Capacity per text: the largest N of the ladder whose N-token passage (a prefix of the same source passage)
+is reproduced at 100% token accuracy within the step budget. Reported: best text and mean over texts, with
+steps and seconds per text at each N. Ends with ONE JSON line of figures (also written to --json-out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+TEXT = ROOT / "data" / "text" / "tinyshakespeare_head.txt"
+PAPER = {  # Pythia-160M, the papers' smallest model, token accuracy 0.99
+    "one_step_per_text_m_best": 128, "one_step_shared_m_best": 45, "ar_1mem_mean": 80,
+    "one_step_seconds_a100": {"32": 6, "128": 68},
+}
+
+
+def passages(lm, n_passages: int, max_len: int) -> list[list[int]]:
+    ids = lm.encode(TEXT.read_text())
+    out = [ids[1000 + 500 * i: 1000 + 500 * i + max_len] for i in range(n_passages)]
+    assert all(len(p) == max_len for p in out), "bundled text too short for these passages"
+    return out
+
+
+def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, shared_m=None, log=print) -> dict:
+    from scalerec.llm import fit_ar, fit_one_step
+
+    per_len = {}
+    alive = list(range(len(texts)))  # texts still exact at every length so far
+    best = {i: 0 for i in range(len(texts))}
+    for n in lengths:
+        if not alive:
+            break
+        toks = [texts[i][:n] for i in alive]
+        t0 = time.perf_counter()
+        if mode == "ar":
+            res = fit_ar(lm, toks, n_mem=1, config=cfg)
+        else:
+            res = fit_one_step(lm, toks, cfg, shared_m=shared_m)
+        wall = time.perf_counter() - t0
+        per_len[n] = {"texts": len(toks), "exact": sum(r.accuracy == 1.0 for r in res),
+                      "accuracy": [round(r.accuracy, 4) for r in res], "steps": [r.steps for r in res],
+                      "seconds": [round(r.seconds, 1) for r in res], "wall_seconds": round(wall, 1)}
+        log(f"[{mode}] N={n}: {per_len[n]}")
+        nxt = []
+        for i, r in zip(alive, res):
+            if r.accuracy == 1.0:
+                best[i] = n
+                nxt.append(i)
+        alive = nxt
+    caps = list(best.values())
+    return {"per_length": per_len, "capacity_per_text": caps, "capacity_best": max(caps),
+            "capacity_mean": sum(caps) / len(caps), "budget_steps": cfg.max_steps,
+            "untested_above": max(lengths)}
+
+
+def throughput(lm, cfg, batch_sizes=(1, 8, 32), n_tokens: int = 16, steps: int = 3, log=print) -> dict:
+    """Seconds per fitting step at each batch size (fixed work: the target is unreachable), and the texts/hour
+    that follows from the measured mean steps per text at this length."""
+    from scalerec.llm import FitConfig, fit_one_step
+
+    src = passages(lm, max(batch_sizes), n_tokens)
+    out = {}
+    for b in batch_sizes:
+        c = FitConfig(**{**cfg.to_dict(), "max_steps": steps, "target_accuracy": 2.0})
+        t0 = time.perf_counter()
+        fit_one_step(lm, src[:b], c)
+        dt = (time.perf_counter() - t0) / steps
+        out[b] = {"seconds_per_step": round(dt, 3), "text_steps_per_second": round(b / dt, 2)}
+        log(f"[throughput] B={b}: {out[b]}")
+    return out
+
+
+def ray_scaling(model: str, n_texts: int, n_tokens: int, steps: int, log=print) -> dict:
+    """The encoding job with 1 worker vs 2 workers (1 thread each), fixed work per text."""
+    from scalerec.llm.jobs import JobSpec, run_job
+
+    ids = None
+    from scalerec.llm import load_causal_lm
+
+    lm = load_causal_lm(model)
+    ids = passages(lm, n_texts, n_tokens)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        inp = Path(tmp) / "in.jsonl"
+        inp.write_text("".join(json.dumps({"id": i, "text": lm.decode_ids(p)}) + "\n" for i, p in enumerate(ids)))
+        del lm
+        for w in (1, 2):
+            spec = JobSpec(model=model, input=str(inp), output=str(Path(tmp) / f"out{w}"), shard_size=max(1, n_texts // 4),
+                           batch_size=8, workers=w, threads=1, fit={"max_steps": steps, "target_accuracy": 2.0})
+            s = run_job(spec, progress=False)
+            out[w] = {"seconds": round(s["seconds"], 1), "texts_per_hour": round(s["texts_per_hour"], 1)}
+            log(f"[ray] workers={w}: {out[w]}")
+    out["speedup_2_over_1"] = round(out[1]["seconds"] / out[2]["seconds"], 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--sections", default="capacity,throughput,ray")
+    ap.add_argument("--modes", default="one-step,shared-m,ar")
+    ap.add_argument("--lengths", default="16,32,64,128")
+    ap.add_argument("--passages", type=int, default=5)
+    ap.add_argument("--max-steps", type=int, default=1500)
+    ap.add_argument("--shared-corpus", type=int, default=16, help="texts the shared m is fitted on (other passages)")
+    ap.add_argument("--shared-steps", type=int, default=400)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from scalerec.llm import FitConfig, fit_shared_m, load_causal_lm
+
+    sections = args.sections.split(",")
+    modes = args.modes.split(",")
+    if args.quick:
+        args.lengths, args.passages, args.max_steps = "8,16", 2, 300
+        args.shared_corpus, args.shared_steps = 4, 60
+        modes = ["one-step", "ar"]
+    lengths = [int(x) for x in args.lengths.split(",")]
+    figures: dict = {"model": args.model, "threads": args.threads, "quick": args.quick, "paper_pythia160m": PAPER}
+    t_all = time.perf_counter()
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    lm = load_causal_lm(args.model)
+    cfg = FitConfig(max_steps=args.max_steps)
+    if "capacity" in sections:
+        texts = passages(lm, args.passages, max(lengths))
+        for mode in modes:
+            shared = None
+            if mode == "shared-m":
+                corpus_src = passages(lm, args.passages + args.shared_corpus, 16)[args.passages:]
+                sh = fit_shared_m(lm, corpus_src, steps=args.shared_steps)
+                shared = sh.m
+                figures["shared_m_fit"] = {"corpus": len(corpus_src), "tokens": 16,
+                                           "mean_accuracy": round(sh.mean_accuracy, 4), "steps": sh.steps,
+                                           "seconds": round(sh.seconds, 1)}
+                log(f"[shared-m] {figures['shared_m_fit']}")
+            figures[f"capacity_{mode}"] = capacity(lm, "ar" if mode == "ar" else "one-step", lengths, texts, cfg,
+                                                   shared_m=shared, log=log)
+    if "throughput" in sections:
+        tp = throughput(lm, cfg, batch_sizes=(1, 4) if args.quick else (1, 8, 32), steps=2 if args.quick else 3, log=log)
+        mean_steps = None
+        cap = figures.get("capacity_one-step", {}).get("per_length", {}).get(16)
+        if cap:
+            mean_steps = sum(cap["steps"]) / len(cap["steps"])
+        figures["throughput_16_tokens"] = tp
+        if mean_steps:
+            figures["texts_per_hour_16_tokens"] = {b: round(3600 * v["text_steps_per_second"] / mean_steps, 1)
+                                                   for b, v in tp.items()}
+            figures["mean_steps_16_tokens"] = mean_steps
+    if "ray" in sections:
+        del lm
+        figures["ray"] = ray_scaling(args.model, 4 if args.quick else 8, 8, 10 if args.quick else 40, log=log)
+    figures["seconds"] = round(time.perf_counter() - t_all, 1)
+    line = json.dumps(figures)
+    if args.json_out:
+        Path(args.json_out).write_text(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
