@@ -23,8 +23,13 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _top_eigvecs(gram: torch.Tensor) -> torch.Tensor:
-    """Orthogonal eigenvectors of a symmetric PSD matrix, columns sorted by decreasing eigenvalue."""
-    vals, vecs = torch.linalg.eigh(gram)
+    """Orthogonal eigenvectors of a symmetric PSD matrix, columns sorted by decreasing eigenvalue.
+
+    The Gram matrix is accumulated in float64 but diagonalised in float32 (scaled to unit trace): LAPACK's
+    float64 ``syevd`` is several times slower on CPU, and float32 eigenvectors are orthogonal to ~1e-6.
+    """
+    scale = gram.diagonal().sum().clamp_min(torch.finfo(torch.float64).tiny)
+    _, vecs = torch.linalg.eigh((gram / scale).float())
     return vecs.flip(-1).contiguous()
 
 
