@@ -25,7 +25,7 @@ def dense_params(dim: int, maxlen: int, blocks: int) -> int:
 def plan(items: int, dim: int = 64, workers: int = 1, loss: str = "sce", dtype: str = "bf16",
          optimizer: str = "adagrad", batch_size: int = 128, maxlen: int = 200, blocks: int = 2, heads: int = 1,
          zero_stage: int = 2, n_buckets: int = 64, bucket_size_x: int = 64, bucket_size_y: int = 256,
-         num_negatives: int = 256, tile: int = 65536, seq_fill: float = 1.0) -> dict:
+         num_negatives: int = 256, tile: int = 65536, seq_fill: float = 1.0, ce_tile: int = 4096) -> dict:
     """Bytes per rank by component, for the largest shard (rank 0)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
@@ -47,6 +47,7 @@ def plan(items: int, dim: int = 64, workers: int = 1, loss: str = "sce", dtype: 
     out["activations"] = 4 * (b * maxlen * dim * (14 * blocks + 6) + 2 * blocks * b * heads * maxlen * maxlen)
     t = min(tile, rows)
     if loss == "ce":
+        t = min(ce_tile, rows)
         work = N * dim * 4 * 4 + N * t * 4 * 3 + rows * dim * 4  # H, grads, rows; logits/exp tiles; local grad
     elif loss == "sce":
         k = n_buckets * bucket_size_y
