@@ -42,8 +42,9 @@ class SparseGradLinear(nn.Module):
             self.register_buffer("u_out", u_out)
             self.register_buffer("u_in", u_in)
             self.rotated_weight = nn.Parameter(u_out.t() @ w @ u_in)
-            # the dense forward weight starts as the original weight itself: the layer is exact before training
-            self.register_buffer("w_eff", w.clone(), persistent=False)
+            # the dense forward weight starts as the original weight itself (its storage is taken over, not
+            # copied; the replaced nn.Linear must not be used afterwards): the layer is exact before training
+            self.register_buffer("w_eff", w, persistent=False)
         else:
             self.u_out = self.u_in = None
             self.rotated_weight = nn.Parameter(w.clone())

@@ -25,11 +25,12 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def _top_eigvecs(gram: torch.Tensor) -> torch.Tensor:
     """Orthogonal eigenvectors of a symmetric PSD matrix, columns sorted by decreasing eigenvalue.
 
-    The Gram matrix is accumulated in float64 but diagonalised in float32 (scaled to unit trace): LAPACK's
-    float64 ``syevd`` is several times slower on CPU, and float32 eigenvectors are orthogonal to ~1e-6.
+    Diagonalised in float32 (scaled to unit trace): LAPACK's float64 ``syevd`` is several times slower on CPU,
+    and float32 eigenvectors are orthogonal to ~1e-6.
     """
-    scale = gram.diagonal().sum().clamp_min(torch.finfo(torch.float64).tiny)
-    _, vecs = torch.linalg.eigh((gram / scale).float())
+    gram = gram.float()
+    gram.div_(gram.diagonal().sum().clamp_min(torch.finfo(torch.float32).tiny))
+    _, vecs = torch.linalg.eigh(gram)
     return vecs.flip(-1).contiguous()
 
 
@@ -39,8 +40,8 @@ def calibrate_bases(model: nn.Module, targets: dict[str, list[str]], batches: It
 
     For a layer type with gradients ``G_{l,s}`` ([out, in], over its layers l and the steps s), the left singular
     vectors of the output-dim unfolding ``[G_{1,1} G_{1,2} ...]`` are the eigenvectors of ``Σ G Gᵀ`` and those of
-    the input-dim unfolding are the eigenvectors of ``Σ Gᵀ G``: the Gram matrices are accumulated in float64
-    (memory out² + in² per type, never the whole stack) and diagonalised once. The model's weights are not
+    the input-dim unfolding are the eigenvectors of ``Σ Gᵀ G``: the Gram matrices are accumulated in place
+    (float32, memory out² + in² per type, never the whole stack) and diagonalised once. The model's weights are not
     updated; ``requires_grad`` flags are restored afterwards.
     """
     modules = {n: model.get_submodule(n) for names in targets.values() for n in names}
@@ -62,10 +63,12 @@ def calibrate_bases(model: nn.Module, targets: dict[str, list[str]], batches: It
             loss.backward()
             for t, names in targets.items():
                 for n in names:
-                    g = modules[n].weight.grad.detach().double()
-                    go, gi = g @ g.t(), g.t() @ g
-                    grams[t][0] = go if grams[t][0] is None else grams[t][0] + go
-                    grams[t][1] = gi if grams[t][1] is None else grams[t][1] + gi
+                    g = modules[n].weight.grad.detach().float()
+                    for side, a, b in ((0, g, g.t()), (1, g.t(), g)):
+                        if grams[t][side] is None:
+                            grams[t][side] = a @ b
+                        else:
+                            grams[t][side].addmm_(a, b)
                     modules[n].weight.grad = None
             done += 1
     finally:
@@ -77,10 +80,23 @@ def calibrate_bases(model: nn.Module, targets: dict[str, list[str]], batches: It
     if done == 0:
         raise ValueError("SparseGrad calibration got no batches (calibration_steps >= 1 batches are needed)")
     bases = {}
-    for t, (go, gi) in grams.items():
+    for t in list(grams):
+        go, gi = grams.pop(t)
         dtype = modules[targets[t][0]].weight.dtype
         bases[t] = (_top_eigvecs(go).to(dtype), _top_eigvecs(gi).to(dtype))
+        del go, gi
+    _release_freed_memory()
     return bases
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, inflating the process's RSS)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _swap(model: nn.Module, targets: dict[str, list[str]], make: Callable[[str, nn.Linear], SparseGradLinear]):
@@ -120,6 +136,7 @@ def apply_sparsegrad(model: nn.Module, config: SparseGradConfig, calibration_dat
         lin, bases[t][0], bases[t][1], config.k_for(lin.out_features, lin.in_features), config.refresh_every,
         config.train_bias, config.use_reference, GRAD_DTYPES[config.grad_dtype]))
     model.sparsegrad_config = config
+    _release_freed_memory()
     return model
 
 
