@@ -48,4 +48,7 @@ else:
         define_macros=define_macros,
     )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+# The Makefile builds the extension in place (`setup.py build_ext --inplace`, incremental with ninja) and
+# installs the package with SCALEREC_SKIP_EXT=1 so the slow C++ build does not run twice.
+ext_modules = [] if os.environ.get("SCALEREC_SKIP_EXT") == "1" else [ext]
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
