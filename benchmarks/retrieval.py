@@ -9,7 +9,7 @@ top-k (``ExactIndex``), and the memory the index holds. IVF and HNSW are swept o
 ``efSearch`` to give a recall-vs-QPS curve. Writes a Markdown table (``--md``) and a PNG plot (``--plot``)
 and prints one JSON line with all figures last.
 
-    python benchmarks/retrieval.py --quick           # C = 2e5, ~2 minutes on 2 cores
+    python benchmarks/retrieval.py --quick           # C = 1e5, ~1-2 minutes on 2 cores
     python benchmarks/retrieval.py                   # C = 1e6, d = 64, 4096 queries
     python benchmarks/retrieval.py --C 10000000 --skip hnsw,ivfpq   # 10^7 (memory: ~3x the table)
 """
@@ -82,8 +82,8 @@ def timed_search(index, q, k, repeats=1):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="C=2e5, 1024 queries, short sweeps (~2 min)")
-    ap.add_argument("--C", type=int, default=None, help="catalog size (default 1e6; 2e5 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="C=1e5, 1024 queries, short sweeps (~1-2 min)")
+    ap.add_argument("--C", type=int, default=None, help="catalog size (default 1e6; 1e5 with --quick)")
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--queries", type=int, default=None, help="default 4096 (1024 with --quick)")
     ap.add_argument("--k", type=int, default=10)
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None, help="write the recall-vs-QPS PNG here")
     args = ap.parse_args(argv)
 
-    C = args.C or (200_000 if args.quick else 1_000_000)
+    C = args.C or (100_000 if args.quick else 1_000_000)
     nq = args.queries or (1024 if args.quick else 4096)
     d, k = args.d, args.k
     clusters = args.clusters or max(10, C // 1000)
