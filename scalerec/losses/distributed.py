@@ -104,7 +104,7 @@ def dist_ce(hidden, table, targets, impl="blockwise", tile=4096, chunk_size=1024
 
 
 # ---------------------------------------------------------------------------------------------- sce
-_SCAN_ROWS = 1 << 20  # shard rows converted to fp32 at a time for the candidate search (bf16 storage)
+_SCAN_ROWS = 1 << 18  # shard rows converted to fp32 at a time for the candidate search (two alive at once)
 
 
 def local_bucket_topk(table, directions: torch.Tensor, k: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -187,7 +187,7 @@ class ShardedItemTable:
         else:
             std = init_std if init_std is not None else math.sqrt(2.0 / (num_items + 1 + dim))  # xavier_normal_
             self.weight = torch.empty(self.n_local, dim, dtype=dtype)
-            step = 1 << 20
+            step = _INIT_BLOCK
             for s in range(0, self.n_local, step):
                 self.weight[s : s + step] = init_rows(self.layout.shard_ids(self.rank, s, s + step), dim, std, seed)
         self.steps = 0

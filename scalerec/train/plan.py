@@ -13,8 +13,13 @@ import json
 import math
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
-RUNTIME_BYTES = 450 * 2**20  # a Ray Train worker with torch + DeepSpeed imported, before any tensor (measured)
-INIT_ROWS = 1 << 20  # rows initialised at a time (sharded_table), plus one 2^18-row generator block
+# Measured (benchmarks/scaleout.py machine, C = 10^4 so the table is negligible): a Ray Train worker's RSS with
+# torch, Ray and DeepSpeed imported and the engine initialised; before the engine exists (when the table is
+# initialised) it is smaller.
+RUNTIME_BYTES = 540 * 2**20
+RUNTIME_BEFORE_ENGINE_BYTES = 250 * 2**20
+INIT_ROWS = 1 << 18  # rows initialised at a time (sharded_table._INIT_BLOCK), plus one generator block
+SCAN_ROWS = 1 << 18  # shard rows converted to fp32 at a time by the candidate search (losses/distributed.py)
 
 
 def dense_params(dim: int, maxlen: int, blocks: int) -> int:
@@ -57,12 +62,15 @@ def plan(items: int, dim: int = 64, workers: int = 1, loss: str = "sce", dtype: 
         work = N * dim * 4 * 4 + N * num_negatives * (8 + 4 * 4) + (N * (num_negatives + 1)) * dim * 4 * 3
     else:
         raise ValueError(f"--loss must be ce, sce or ce_sampled for a row-sharded table, got {loss!r}")
+    if loss in ("sce", "rece"):  # two fp32 tiles of the shard alive at once (the loop variable and the next)
+        work += 2 * min(SCAN_ROWS, rows) * (dim * 4 + 8)
     out["loss_workspace"] = int(work)
     out["communication"] = int(N * dim * 4 * 2 + 2 * b * maxlen * (dim * 4 + 8) * 2)
-    out["init_workspace"] = INIT_ROWS * dim * 4 + (1 << 18) * dim * 4  # transient, before training
+    n_init = min(INIT_ROWS, rows)  # transient, before training: fp32 rows, one generator block, the cast
+    out["init_workspace"] = n_init * dim * (4 + DTYPE_BYTES[dtype]) + INIT_ROWS * dim * 4
     out["runtime"] = RUNTIME_BYTES
     steady = sum(v for k, v in out.items() if k != "init_workspace")
-    init = out["table"] + out["optimizer_state"] + out["init_workspace"] + out["runtime"]
+    init = out["table"] + out["optimizer_state"] + out["init_workspace"] + RUNTIME_BEFORE_ENGINE_BYTES
     out["total"] = max(steady, init)
     return out
 

@@ -263,6 +263,12 @@ def _log(msg: str) -> None:
     print(f"[scalerec worker] {msg}", flush=True)
 
 
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _peak_rss_all(group) -> list[int]:
     """Peak resident set size (bytes) of every rank's process, gathered on every rank."""
     import resource
@@ -337,6 +343,7 @@ def train_loop_per_worker(config: dict) -> dict:
     if ckpt is not None and same_world:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(os.path.join(d, "ds"), tag="ds", load_module_strict=False)
+    rss_stages = {"after_setup": _peak_rss()}
     if rank == 0:
         _log(f"setup: imports + process group {t_import - t_enter:.1f}s, data {t_data - t_import:.1f}s, "
              f"table + DeepSpeed engine {time.time() - t_data:.1f}s")
@@ -400,6 +407,7 @@ def train_loop_per_worker(config: dict) -> dict:
             engine.step()
             table.step(grad_scale=1.0 / W)
             train_seconds += time.perf_counter() - t_step
+            rss_stages.setdefault("after_first_step", _peak_rss())
             last_loss = float(loss.detach())
             losses.append(last_loss)
             step_losses.append((g, last_loss))
@@ -411,7 +419,9 @@ def train_loop_per_worker(config: dict) -> dict:
                 state["elapsed"] = time.time() - t0
                 report({"epoch": epoch, "global_step": state["global_step"], "loss": last_loss}, True)
         # end of epoch: validate, keep the test metrics of the best epoch, checkpoint
+        rss_stages.setdefault("after_training_steps", _peak_rss())
         valid = evaluate("valid", vmax)
+        rss_stages.setdefault("after_eval", _peak_rss())
         state["valid"] = valid
         if valid["NDCG@10"] > state["best"]:
             state["best"], state["best_epoch"], state["bad_epochs"] = valid["NDCG@10"], epoch, 0
@@ -436,7 +446,7 @@ def train_loop_per_worker(config: dict) -> dict:
              "world_size": W, "restored_from": state["restored_from"], "restore_source": state["restore_source"],
              "final_loss": last_loss,
              "table_bytes": table.nbytes(), "step_losses": step_losses, "train_seconds": train_seconds,
-             "global_batch": data.B, "peak_rss_per_rank": _peak_rss_all(table.group)}
+             "global_batch": data.B, "peak_rss_per_rank": _peak_rss_all(table.group), "rss_stages": rss_stages}
     if rank == 0:
         _log("final " + json.dumps({k: final[k] for k in ("best_epoch", "global_step", "seconds", "world_size")}))
     return final
