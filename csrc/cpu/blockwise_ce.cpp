@@ -15,31 +15,17 @@
 #include <limits>
 #include <vector>
 
+#include "../ce_common.h"
+
 namespace scalerec {
 
 static void blockwise_ce_check(const at::Tensor& hidden, const at::Tensor& table, const at::Tensor& targets,
                                int64_t row_start, int64_t tile) {
-  TORCH_CHECK(hidden.dim() == 2, "blockwise_ce: hidden must be [N, d], got shape ", hidden.sizes());
-  TORCH_CHECK(table.dim() == 2, "blockwise_ce: table must be [C, d], got shape ", table.sizes());
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "blockwise_ce: targets must be [N]=[",
-              hidden.size(0), "], got shape ", targets.sizes());
-  TORCH_CHECK(hidden.size(1) == table.size(1), "blockwise_ce: hidden has d=", hidden.size(1), " but table has d=",
-              table.size(1));
-  TORCH_CHECK(hidden.scalar_type() == table.scalar_type(), "blockwise_ce: hidden and table dtypes differ (",
-              hidden.scalar_type(), " vs ", table.scalar_type(), ")");
-  TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
-              "blockwise_ce: hidden/table must be float32 or float64, got ", hidden.scalar_type());
-  TORCH_CHECK(targets.scalar_type() == at::kLong, "blockwise_ce: targets must be int64, got ", targets.scalar_type());
-  TORCH_CHECK(hidden.device() == table.device() && hidden.device() == targets.device(),
-              "blockwise_ce: hidden, table and targets must be on one device");
+  ce::check_pair("blockwise_ce", hidden, table);
   TORCH_CHECK(row_start >= 0 && row_start < table.size(0), "blockwise_ce: row_start must lie in [0, C=",
               table.size(0), "), got ", row_start);
   TORCH_CHECK(tile > 0, "blockwise_ce: tile must be positive, got ", tile);
-  if (targets.numel()) {
-    const int64_t lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
-    TORCH_CHECK(lo >= row_start && hi < table.size(0), "blockwise_ce: targets must lie in [", row_start, ", ",
-                table.size(0), "), got min ", lo, ", max ", hi);
-  }
+  ce::check_targets("blockwise_ce", hidden, table, targets, row_start);
 }
 
 static constexpr int64_t kQueryBlock = 256;
@@ -111,16 +97,9 @@ std::tuple<at::Tensor, at::Tensor> blockwise_ce_backward_cpu(const at::Tensor& g
       }
     }
   });
-  at::Tensor grad_hidden;
-  for (auto& part : grad_h_parts) {
-    if (!part.defined()) continue;
-    if (!grad_hidden.defined()) grad_hidden = part;
-    else grad_hidden.add_(part);
-  }
+  at::Tensor grad_hidden = ce::sum_parts(grad_h_parts);
   if (!grad_hidden.defined()) grad_hidden = at::zeros_like(hidden);
-  // the positive's term of d(lse - pos): -g t_y for the query and -g h for the target row
-  grad_hidden.sub_(table.index_select(0, targets) * g.unsqueeze(1));
-  grad_table.index_add_(0, targets, hidden * g.unsqueeze(1), -1);
+  ce::add_positive_grad(grad_hidden, grad_table, hidden, table, targets, lse, g, /*positive_in_lse=*/false);
   return {grad_hidden, grad_table};
 }
 

@@ -18,40 +18,21 @@
 #include <limits>
 #include <vector>
 
-namespace scalerec {
+#include "../ce_common.h"
 
-static void check_ids(const at::Tensor& ids, int64_t hi, const char* name) {
-  if (ids.numel() == 0) return;
-  const int64_t lo_v = ids.min().item<int64_t>(), hi_v = ids.max().item<int64_t>();
-  TORCH_CHECK(lo_v >= 0 && hi_v < hi, "bucket_ce: ", name, " must lie in [0, ", hi, "), got min ", lo_v, ", max ",
-              hi_v);
-}
+namespace scalerec {
 
 static void bucket_ce_check(const at::Tensor& hidden, const at::Tensor& table, const at::Tensor& targets,
                             const at::Tensor& x_ids, const at::Tensor& y_ids) {
-  TORCH_CHECK(hidden.dim() == 2, "bucket_ce: hidden must be [N, d], got shape ", hidden.sizes());
-  TORCH_CHECK(table.dim() == 2, "bucket_ce: table must be [C, d], got shape ", table.sizes());
-  TORCH_CHECK(hidden.size(1) == table.size(1), "bucket_ce: hidden has d=", hidden.size(1), " but table has d=",
-              table.size(1));
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "bucket_ce: targets must be [N]=[",
-              hidden.size(0), "], got shape ", targets.sizes());
+  ce::check_pair("bucket_ce", hidden, table);
+  ce::check_targets("bucket_ce", hidden, table, targets);
   TORCH_CHECK(x_ids.dim() == 2 && y_ids.dim() == 2 && x_ids.size(0) == y_ids.size(0),
               "bucket_ce: x_ids must be [B, bx] and y_ids [B, by] with the same B, got ", x_ids.sizes(), " and ",
               y_ids.sizes());
-  TORCH_CHECK(hidden.scalar_type() == table.scalar_type(), "bucket_ce: hidden and table dtypes differ (",
-              hidden.scalar_type(), " vs ", table.scalar_type(), ")");
-  TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
-              "bucket_ce: hidden/table must be float32 or float64, got ", hidden.scalar_type());
-  TORCH_CHECK(targets.scalar_type() == at::kLong && x_ids.scalar_type() == at::kLong &&
-                  y_ids.scalar_type() == at::kLong,
-              "bucket_ce: targets, x_ids and y_ids must be int64, got ", targets.scalar_type(), ", ",
-              x_ids.scalar_type(), ", ", y_ids.scalar_type());
-  const auto dev = hidden.device();
-  TORCH_CHECK(table.device() == dev && targets.device() == dev && x_ids.device() == dev && y_ids.device() == dev,
-              "bucket_ce: all inputs must be on one device");
-  check_ids(targets, table.size(0), "targets");
-  check_ids(x_ids, hidden.size(0), "x_ids (query rows)");
-  check_ids(y_ids, table.size(0), "y_ids (table rows)");
+  ce::check_index("bucket_ce", x_ids, hidden, "x_ids");
+  ce::check_index("bucket_ce", y_ids, hidden, "y_ids");
+  ce::check_range("bucket_ce", x_ids, 0, hidden.size(0), "x_ids (query rows)");
+  ce::check_range("bucket_ce", y_ids, 0, table.size(0), "y_ids (table rows)");
 }
 
 // logits of one bucket's queries against its items, the positive masked with -inf
@@ -182,18 +163,9 @@ std::tuple<at::Tensor, at::Tensor> bucket_ce_backward_cpu(const at::Tensor& grad
       }
     });
   });
-  at::Tensor total;
-  for (auto& part : compact) {
-    if (!part.defined()) continue;
-    if (!total.defined()) total = part;
-    else total.add_(part);
-  }
+  at::Tensor total = ce::sum_parts(compact);
   if (total.defined()) grad_table.index_add_(0, uniq, total);
-  // the positive's term: d(lse - pos)/d pos = p_pos - 1
-  auto pos = (hidden * table.index_select(0, targets)).sum(1);
-  auto coef = (at::exp(pos - lse) - 1).mul_(g).unsqueeze(1);
-  grad_hidden.add_(table.index_select(0, targets) * coef);
-  grad_table.index_add_(0, targets, hidden * coef);
+  ce::add_positive_grad(grad_hidden, grad_table, hidden, table, targets, lse, g, /*positive_in_lse=*/true);
   return {grad_hidden, grad_table};
 }
 

@@ -11,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include "../ce_common.h"
+
 namespace scalerec {
 
 namespace {
@@ -51,15 +53,7 @@ struct TopK {
 
 static void bucket_topk_check(const at::Tensor& dirs, const at::Tensor& table, int64_t k, int64_t row_start,
                               int64_t tile) {
-  TORCH_CHECK(dirs.dim() == 2, "bucket_topk: directions must be [B, d], got shape ", dirs.sizes());
-  TORCH_CHECK(table.dim() == 2, "bucket_topk: table must be [C, d], got shape ", table.sizes());
-  TORCH_CHECK(dirs.size(1) == table.size(1), "bucket_topk: directions have d=", dirs.size(1), " but table has d=",
-              table.size(1));
-  TORCH_CHECK(dirs.scalar_type() == table.scalar_type(), "bucket_topk: directions and table dtypes differ (",
-              dirs.scalar_type(), " vs ", table.scalar_type(), ")");
-  TORCH_CHECK(dirs.scalar_type() == at::kFloat || dirs.scalar_type() == at::kDouble,
-              "bucket_topk: inputs must be float32 or float64, got ", dirs.scalar_type());
-  TORCH_CHECK(dirs.device() == table.device(), "bucket_topk: directions and table must be on one device");
+  ce::check_pair("bucket_topk", dirs, table, "directions");
   TORCH_CHECK(row_start >= 0 && row_start <= table.size(0), "bucket_topk: row_start must lie in [0, C=",
               table.size(0), "], got ", row_start);
   TORCH_CHECK(k >= 1 && k <= table.size(0) - row_start, "bucket_topk: k must lie in [1, ", table.size(0) - row_start,

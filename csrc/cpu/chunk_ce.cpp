@@ -20,6 +20,8 @@
 #include <limits>
 #include <vector>
 
+#include "../ce_common.h"
+
 namespace scalerec {
 
 namespace {
@@ -30,44 +32,19 @@ struct ChunkPlan {
   at::Tensor ichunk;  // [R, C] int32: chunk of row c in round r, -1 if absent
 };
 
-void check_ids(const at::Tensor& ids, int64_t hi, const char* name) {
-  if (ids.numel() == 0) return;
-  const int64_t lo_v = ids.min().item<int64_t>(), hi_v = ids.max().item<int64_t>();
-  TORCH_CHECK(lo_v >= -1 && hi_v < hi, "chunk_ce: ", name, " must lie in [-1, ", hi, ") (-1 = padding), got min ", lo_v,
-              ", max ", hi_v);
-}
-
 ChunkPlan make_plan(const at::Tensor& hidden, const at::Tensor& table, const at::Tensor& targets,
                     const at::Tensor& x_chunks, const at::Tensor& y_chunks, int64_t n_extra) {
-  TORCH_CHECK(hidden.dim() == 2, "chunk_ce: hidden must be [N, d], got shape ", hidden.sizes());
-  TORCH_CHECK(table.dim() == 2, "chunk_ce: table must be [C, d], got shape ", table.sizes());
-  TORCH_CHECK(hidden.size(1) == table.size(1), "chunk_ce: hidden has d=", hidden.size(1), " but table has d=",
-              table.size(1));
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "chunk_ce: targets must be [N]=[",
-              hidden.size(0), "], got shape ", targets.sizes());
+  ce::check_pair("chunk_ce", hidden, table);
+  ce::check_targets("chunk_ce", hidden, table, targets);
   TORCH_CHECK(x_chunks.dim() == 3 && y_chunks.dim() == 3 && x_chunks.size(0) == y_chunks.size(0) &&
                   x_chunks.size(1) == y_chunks.size(1),
               "chunk_ce: x_chunks must be [R, K, cx] and y_chunks [R, K, cy] with the same R and K, got ",
               x_chunks.sizes(), " and ", y_chunks.sizes());
-  TORCH_CHECK(hidden.scalar_type() == table.scalar_type(), "chunk_ce: hidden and table dtypes differ (",
-              hidden.scalar_type(), " vs ", table.scalar_type(), ")");
-  TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
-              "chunk_ce: hidden/table must be float32 or float64, got ", hidden.scalar_type());
-  TORCH_CHECK(targets.scalar_type() == at::kLong && x_chunks.scalar_type() == at::kLong &&
-                  y_chunks.scalar_type() == at::kLong,
-              "chunk_ce: targets, x_chunks and y_chunks must be int64");
-  const auto dev = hidden.device();
-  TORCH_CHECK(table.device() == dev && targets.device() == dev && x_chunks.device() == dev &&
-                  y_chunks.device() == dev,
-              "chunk_ce: all inputs must be on one device");
+  ce::check_index("chunk_ce", x_chunks, hidden, "x_chunks");
+  ce::check_index("chunk_ce", y_chunks, hidden, "y_chunks");
+  ce::check_range("chunk_ce", x_chunks, -1, hidden.size(0), "x_chunks (query rows, -1 = padding)");
+  ce::check_range("chunk_ce", y_chunks, -1, table.size(0), "y_chunks (table rows, -1 = padding)");
   TORCH_CHECK(n_extra >= 0, "chunk_ce: n_extra_chunks must be >= 0, got ", n_extra);
-  if (targets.numel()) {
-    const int64_t lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < table.size(0), "chunk_ce: targets must lie in [0, ", table.size(0), "), got min ", lo,
-                ", max ", hi);
-  }
-  check_ids(x_chunks, hidden.size(0), "x_chunks (query rows)");
-  check_ids(y_chunks, table.size(0), "y_chunks (table rows)");
   ChunkPlan p;
   p.R = x_chunks.size(0);
   p.K = x_chunks.size(1);
@@ -238,11 +215,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_ce_backward_cpu(const at::Tensor& grad_
         });
       }
   });
-  // the positive's term: d(lse - pos)/d pos = p_pos - 1
-  auto pos = (hidden * table.index_select(0, targets)).sum(1);
-  auto coef = (at::exp(pos - lse) - 1).mul_(g).unsqueeze(1);
-  grad_hidden.add_(table.index_select(0, targets) * coef);
-  grad_table.index_add_(0, targets, hidden * coef);
+  ce::add_positive_grad(grad_hidden, grad_table, hidden, table, targets, lse, g, /*positive_in_lse=*/true);
   return {grad_hidden, grad_table};
 }
 
