@@ -129,8 +129,9 @@ def global_bucket_topk(table, directions: torch.Tensor, k: int, tile: int) -> to
         n_b, pad = directions.size(0), k - s.size(1)  # a shard smaller than k
         s = torch.cat([s, torch.full((n_b, pad), -math.inf)], 1)
         i = torch.cat([i, torch.zeros((n_b, pad), dtype=torch.long)], 1)
-        S, _ = coll.all_gather_varlen(s.t().contiguous(), table.group)  # [W * k, n_b]
-        I, _ = coll.all_gather_varlen(i.t().contiguous(), table.group)
+        same = [k] * table.world_size  # every rank sends k candidates per bucket: no size exchange
+        S, _ = coll.all_gather_varlen(s.t().contiguous(), table.group, sizes=same)  # [W * k, n_b]
+        I, _ = coll.all_gather_varlen(i.t().contiguous(), table.group, sizes=same)
         s, i = S.t(), I.t()
     return torch.gather(i, 1, torch.topk(s, k, dim=1).indices)
 
