@@ -95,7 +95,7 @@ void sparsegrad_rotated_update_cuda(const at::Tensor& weight, const at::Tensor& 
   if (by_rows) {
     // weight += U_out[:, R] (D_R U_in^T)
     auto T = at::mm(D, u_in.t());
-    const_cast<at::Tensor&>(weight).addmm_(u_out.index_select(1, lines), T);
+    weight.addmm_(u_out.index_select(1, lines), T);  // in-place methods are const on at::Tensor
   } else {
     // weight^T += U_in[:, C] (D_C U_out^T)
     auto T = at::mm(D, u_out.t());

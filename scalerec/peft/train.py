@@ -111,9 +111,11 @@ def _load(s: FinetuneSettings):
     if s.task == "sst2":
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, **kw)
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, **kw)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
+        # a GGUF checkpoint is dequantized to float32 on load; transformers then refuses .float()
+        return model, tok
     return model.float(), tok
 
 
