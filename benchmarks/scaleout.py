@@ -203,6 +203,7 @@ def main(argv=None) -> int:
     ap.add_argument("--largest", type=float, default=0, help="also train this catalog size with W=2 (e.g. 1e8)")
     ap.add_argument("--largest-steps", type=int, default=20)
     ap.add_argument("--only", default="", help="comma list of parts: memory,throughput,zero3,largest")
+    ap.add_argument("--zero3-items", type=float, default=0, help="catalog of the ZeRO-3 comparison (default 1e7)")
     ap.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results", "scaleout.json"))
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -237,9 +238,10 @@ def main(argv=None) -> int:
         fig["table_bytes_per_rank_ratio_w2_w1"] = sum(rb["table_bytes"].values()) / w1
         fig["table_bytes_catalog"] = int(big)
     if "zero3" in parts:
-        ratio, peaks = zero3_vs_sharded(big if not args.quick else small * 10, args.out, log)
+        zc = args.zero3_items or (big if not args.quick else small * 10)
+        ratio, peaks = zero3_vs_sharded(zc, args.out, log)
         fig["zero3_over_sharded_peak_ratio"] = ratio
-        fig["zero3_catalog"] = int(big if not args.quick else small * 10)
+        fig["zero3_catalog"] = int(zc)
         fig["zero3_peak_rss_gb"] = {k: v / GB for k, v in peaks.items()}
     if "largest" in parts and args.largest:
         try:
