@@ -18,6 +18,8 @@ import urllib.request
 
 import pytest
 
+pytestmark = pytest.mark.slow  # Ray Train worker groups take ~40 s each to start on 2 shared cores
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 

@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.slow  # Ray Train worker groups take ~40 s each to start on 2 shared cores
+
 BEAUTY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "beauty", "Beauty.txt")
 STEPS = 3  # per epoch
 
