@@ -29,19 +29,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-SCALEOUT_DEFAULTS: dict[str, Any] = {
-    "scaleout": {
-        "table": {"dtype": "fp32", "optimizer": "adagrad", "lr": 0.05, "layout": "snake", "init_std": None},
-        "deepspeed": {"config": "launch/configs/deepspeed_zero2.json", "zero_stage": None},
-        "ray": {"address": "", "num_cpus": 0, "cpus_per_worker": 1, "use_gpu": False, "storage_path": "",
-                "name": "", "max_failures": 0},
-        "threads_per_worker": 1,
-        "checkpoint_every": 0,  # steps between checkpoints; 0 = at the end of every epoch
-        "num_to_keep": 2,
-        "fail_at_step": -1,  # tests: rank 1 dies at this global step on the first attempt
-        "test_max_cases": 0,  # 0 = every test case
-    }
-}
+from scalerec.train.scaleout_defaults import SCALEOUT_DEFAULTS  # the `scaleout:` config section
+
 ZERO_STAGES = (0, 1, 2, 3)
 
 
