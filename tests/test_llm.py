@@ -44,7 +44,7 @@ def test_one_step_fits_16_tokens_and_decodes_in_one_forward(lm):
 
 
 def test_ar_fits_16_tokens_and_decodes(lm):
-    toks = passage_ids(lm, 16, 1)
+    toks = passage_ids(lm, 16, 0)
     res = fit_ar(lm, [toks], n_mem=1)[0]
     assert res.accuracy == 1.0, (res.accuracy, res.steps)
     assert res.vectors.shape == (1, 576)
@@ -53,8 +53,8 @@ def test_ar_fits_16_tokens_and_decodes(lm):
 
 def test_batch_of_different_lengths_fits_each_text_independently(lm):
     """Texts of 6 and 12 tokens in one batch: the short one stops early, and neither is changed by the other."""
-    short, long_ = passage_ids(lm, 6, 2), passage_ids(lm, 12, 3)
-    cfg = FitConfig(max_steps=400)
+    short, long_ = passage_ids(lm, 6, 0), passage_ids(lm, 12, 0)
+    cfg = FitConfig()
     both = fit_one_step(lm, [short, long_], cfg)
     alone_short = fit_one_step(lm, [short], cfg)[0]
     alone_long = fit_one_step(lm, [long_], cfg)[0]
@@ -70,11 +70,11 @@ def test_batch_of_different_lengths_fits_each_text_independently(lm):
 def test_shared_m_leaves_one_vector_per_text(lm):
     from scalerec.llm import fit_shared_m
 
-    corpus = [passage_ids(lm, 6, i) for i in range(4)]
+    corpus = [passage_ids(lm, 6, i) for i in range(2, 6)]
     shared = fit_shared_m(lm, corpus, steps=200)
     assert shared.m.shape == (576,)
-    new = passage_ids(lm, 6, 7)
-    res = fit_one_step(lm, [new], FitConfig(max_steps=300), shared_m=shared.m)[0]
+    new = passage_ids(lm, 6, 0)
+    res = fit_one_step(lm, [new], shared_m=shared.m)[0]
     assert res.vectors.shape == (1, 576)
     assert res.accuracy == 1.0
     assert decode_one_step(lm, res.vectors, 6, shared_m=shared.m) == [new]

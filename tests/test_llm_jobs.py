@@ -139,7 +139,7 @@ def test_job_and_decode_on_smollm2(lm, tmp_path):
     """The real path: `scalerec encode` fits SmolLM2 inside a Ray worker; `scalerec decode` reproduces the texts."""
     from scalerec.cli import main
 
-    texts = [lm.decode_ids(passage_ids(lm, 8, i)) for i in range(2)]
+    texts = [lm.decode_ids(passage_ids(lm, 8, i)) for i in (0, 2)]
     inp = _write_jsonl(tmp_path / "in.jsonl", [json.dumps({"id": i, "text": t}) for i, t in enumerate(texts)])
     out = tmp_path / "out"
     assert main(["encode", "--model", "smollm2", "--input", str(inp), "--output", str(out), "--workers", "1",

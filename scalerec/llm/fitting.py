@@ -37,7 +37,7 @@ class FitConfig:
     betas: tuple[float, float] = (0.9, 0.9)
     weight_decay: float = 0.01
     eps: float = 1e-8
-    max_steps: int = 1000
+    max_steps: int = 400
     warmup_steps: int = 10
     schedule: str = "cosine"          # "cosine" (to min_lr_ratio * lr at max_steps) or "constant"
     min_lr_ratio: float = 0.1
