@@ -45,6 +45,55 @@ inline void check_targets(const char* op, const at::Tensor& hidden, const at::Te
   check_range(op, targets, lo, table.size(0), "targets");
 }
 
+// ---- per-op input validation (shared by the CPU and CUDA kernels)
+
+inline void check_blockwise_ce(const at::Tensor& hidden, const at::Tensor& table, const at::Tensor& targets,
+                               int64_t row_start, int64_t tile) {
+  check_pair("blockwise_ce", hidden, table);
+  TORCH_CHECK(row_start >= 0 && row_start < table.size(0), "blockwise_ce: row_start must lie in [0, C=",
+              table.size(0), "), got ", row_start);
+  TORCH_CHECK(tile > 0, "blockwise_ce: tile must be positive, got ", tile);
+  check_targets("blockwise_ce", hidden, table, targets, row_start);
+}
+
+inline void check_bucket_topk(const at::Tensor& dirs, const at::Tensor& table, int64_t k, int64_t row_start,
+                              int64_t tile) {
+  check_pair("bucket_topk", dirs, table, "directions");
+  TORCH_CHECK(row_start >= 0 && row_start <= table.size(0), "bucket_topk: row_start must lie in [0, C=",
+              table.size(0), "], got ", row_start);
+  TORCH_CHECK(k >= 1 && k <= table.size(0) - row_start, "bucket_topk: k must lie in [1, ", table.size(0) - row_start,
+              "] (the rows from row_start=", row_start, "), got ", k);
+  TORCH_CHECK(tile > 0, "bucket_topk: tile must be positive, got ", tile);
+}
+
+inline void check_bucket_ce(const at::Tensor& hidden, const at::Tensor& table, const at::Tensor& targets,
+                            const at::Tensor& x_ids, const at::Tensor& y_ids) {
+  check_pair("bucket_ce", hidden, table);
+  check_targets("bucket_ce", hidden, table, targets);
+  TORCH_CHECK(x_ids.dim() == 2 && y_ids.dim() == 2 && x_ids.size(0) == y_ids.size(0),
+              "bucket_ce: x_ids must be [B, bx] and y_ids [B, by] with the same B, got ", x_ids.sizes(), " and ",
+              y_ids.sizes());
+  check_index("bucket_ce", x_ids, hidden, "x_ids");
+  check_index("bucket_ce", y_ids, hidden, "y_ids");
+  check_range("bucket_ce", x_ids, 0, hidden.size(0), "x_ids (query rows)");
+  check_range("bucket_ce", y_ids, 0, table.size(0), "y_ids (table rows)");
+}
+
+inline void check_chunk_ce(const at::Tensor& hidden, const at::Tensor& table, const at::Tensor& targets,
+                           const at::Tensor& x_chunks, const at::Tensor& y_chunks, int64_t n_extra) {
+  check_pair("chunk_ce", hidden, table);
+  check_targets("chunk_ce", hidden, table, targets);
+  TORCH_CHECK(x_chunks.dim() == 3 && y_chunks.dim() == 3 && x_chunks.size(0) == y_chunks.size(0) &&
+                  x_chunks.size(1) == y_chunks.size(1),
+              "chunk_ce: x_chunks must be [R, K, cx] and y_chunks [R, K, cy] with the same R and K, got ",
+              x_chunks.sizes(), " and ", y_chunks.sizes());
+  check_index("chunk_ce", x_chunks, hidden, "x_chunks");
+  check_index("chunk_ce", y_chunks, hidden, "y_chunks");
+  check_range("chunk_ce", x_chunks, -1, hidden.size(0), "x_chunks (query rows, -1 = padding)");
+  check_range("chunk_ce", y_chunks, -1, table.size(0), "y_chunks (table rows, -1 = padding)");
+  TORCH_CHECK(n_extra >= 0, "chunk_ce: n_extra_chunks must be >= 0, got ", n_extra);
+}
+
 // the sum of the defined per-thread partial tensors (undefined if there is none)
 inline at::Tensor sum_parts(std::vector<at::Tensor>& parts) {
   at::Tensor total;

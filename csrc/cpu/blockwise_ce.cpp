@@ -19,20 +19,11 @@
 
 namespace scalerec {
 
-static void blockwise_ce_check(const at::Tensor& hidden, const at::Tensor& table, const at::Tensor& targets,
-                               int64_t row_start, int64_t tile) {
-  ce::check_pair("blockwise_ce", hidden, table);
-  TORCH_CHECK(row_start >= 0 && row_start < table.size(0), "blockwise_ce: row_start must lie in [0, C=",
-              table.size(0), "), got ", row_start);
-  TORCH_CHECK(tile > 0, "blockwise_ce: tile must be positive, got ", tile);
-  ce::check_targets("blockwise_ce", hidden, table, targets, row_start);
-}
-
 static constexpr int64_t kQueryBlock = 256;
 
 std::tuple<at::Tensor, at::Tensor> blockwise_ce_cpu(const at::Tensor& hidden_, const at::Tensor& table_,
                                                     const at::Tensor& targets_, int64_t row_start, int64_t tile) {
-  blockwise_ce_check(hidden_, table_, targets_, row_start, tile);
+  ce::check_blockwise_ce(hidden_, table_, targets_, row_start, tile);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto hidden = hidden_.contiguous(), table = table_.contiguous(), targets = targets_.contiguous();
   const int64_t N = hidden.size(0), C = table.size(0);
@@ -62,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> blockwise_ce_cpu(const at::Tensor& hidden_, c
 std::tuple<at::Tensor, at::Tensor> blockwise_ce_backward_cpu(const at::Tensor& grad_loss_, const at::Tensor& hidden_,
                                                              const at::Tensor& table_, const at::Tensor& targets_,
                                                              const at::Tensor& lse_, int64_t row_start, int64_t tile) {
-  blockwise_ce_check(hidden_, table_, targets_, row_start, tile);
+  ce::check_blockwise_ce(hidden_, table_, targets_, row_start, tile);
   TORCH_CHECK(grad_loss_.dim() == 1 && grad_loss_.size(0) == hidden_.size(0),
               "blockwise_ce_backward: grad must be [N], got shape ", grad_loss_.sizes());
   TORCH_CHECK(lse_.dim() == 1 && lse_.size(0) == hidden_.size(0), "blockwise_ce_backward: lse must be [N], got shape ",

@@ -22,19 +22,6 @@
 
 namespace scalerec {
 
-static void bucket_ce_check(const at::Tensor& hidden, const at::Tensor& table, const at::Tensor& targets,
-                            const at::Tensor& x_ids, const at::Tensor& y_ids) {
-  ce::check_pair("bucket_ce", hidden, table);
-  ce::check_targets("bucket_ce", hidden, table, targets);
-  TORCH_CHECK(x_ids.dim() == 2 && y_ids.dim() == 2 && x_ids.size(0) == y_ids.size(0),
-              "bucket_ce: x_ids must be [B, bx] and y_ids [B, by] with the same B, got ", x_ids.sizes(), " and ",
-              y_ids.sizes());
-  ce::check_index("bucket_ce", x_ids, hidden, "x_ids");
-  ce::check_index("bucket_ce", y_ids, hidden, "y_ids");
-  ce::check_range("bucket_ce", x_ids, 0, hidden.size(0), "x_ids (query rows)");
-  ce::check_range("bucket_ce", y_ids, 0, table.size(0), "y_ids (table rows)");
-}
-
 // logits of one bucket's queries against its items, the positive masked with -inf
 template <typename scalar_t>
 static at::Tensor bucket_logits(const at::Tensor& xq, const at::Tensor& wb, const int64_t* tgt_rows,
@@ -52,7 +39,7 @@ static at::Tensor bucket_logits(const at::Tensor& xq, const at::Tensor& wb, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_ce_cpu(const at::Tensor& hidden_, const at::Tensor& table_,
                                                              const at::Tensor& targets_, const at::Tensor& x_ids_,
                                                              const at::Tensor& y_ids_) {
-  bucket_ce_check(hidden_, table_, targets_, x_ids_, y_ids_);
+  ce::check_bucket_ce(hidden_, table_, targets_, x_ids_, y_ids_);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto hidden = hidden_.contiguous(), table = table_.contiguous(), targets = targets_.contiguous();
   auto x_ids = x_ids_.contiguous(), y_ids = y_ids_.contiguous();
@@ -105,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> bucket_ce_backward_cpu(const at::Tensor& grad
                                                           const at::Tensor& table_, const at::Tensor& targets_,
                                                           const at::Tensor& x_ids_, const at::Tensor& y_ids_,
                                                           const at::Tensor& lse_, const at::Tensor& arg_) {
-  bucket_ce_check(hidden_, table_, targets_, x_ids_, y_ids_);
+  ce::check_bucket_ce(hidden_, table_, targets_, x_ids_, y_ids_);
   const int64_t N = hidden_.size(0);
   TORCH_CHECK(grad_loss_.dim() == 1 && grad_loss_.size(0) == N && lse_.dim() == 1 && lse_.size(0) == N &&
                   arg_.dim() == 1 && arg_.size(0) == N,

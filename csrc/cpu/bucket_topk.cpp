@@ -51,19 +51,9 @@ struct TopK {
 
 }  // namespace
 
-static void bucket_topk_check(const at::Tensor& dirs, const at::Tensor& table, int64_t k, int64_t row_start,
-                              int64_t tile) {
-  ce::check_pair("bucket_topk", dirs, table, "directions");
-  TORCH_CHECK(row_start >= 0 && row_start <= table.size(0), "bucket_topk: row_start must lie in [0, C=",
-              table.size(0), "], got ", row_start);
-  TORCH_CHECK(k >= 1 && k <= table.size(0) - row_start, "bucket_topk: k must lie in [1, ", table.size(0) - row_start,
-              "] (the rows from row_start=", row_start, "), got ", k);
-  TORCH_CHECK(tile > 0, "bucket_topk: tile must be positive, got ", tile);
-}
-
 std::tuple<at::Tensor, at::Tensor> bucket_topk_cpu(const at::Tensor& dirs_, const at::Tensor& table_, int64_t k,
                                                    int64_t row_start, int64_t tile) {
-  bucket_topk_check(dirs_, table_, k, row_start, tile);
+  ce::check_bucket_topk(dirs_, table_, k, row_start, tile);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto dirs = dirs_.contiguous(), table = table_.contiguous();
   const int64_t B = dirs.size(0), C = table.size(0);

@@ -34,17 +34,7 @@ struct ChunkPlan {
 
 ChunkPlan make_plan(const at::Tensor& hidden, const at::Tensor& table, const at::Tensor& targets,
                     const at::Tensor& x_chunks, const at::Tensor& y_chunks, int64_t n_extra) {
-  ce::check_pair("chunk_ce", hidden, table);
-  ce::check_targets("chunk_ce", hidden, table, targets);
-  TORCH_CHECK(x_chunks.dim() == 3 && y_chunks.dim() == 3 && x_chunks.size(0) == y_chunks.size(0) &&
-                  x_chunks.size(1) == y_chunks.size(1),
-              "chunk_ce: x_chunks must be [R, K, cx] and y_chunks [R, K, cy] with the same R and K, got ",
-              x_chunks.sizes(), " and ", y_chunks.sizes());
-  ce::check_index("chunk_ce", x_chunks, hidden, "x_chunks");
-  ce::check_index("chunk_ce", y_chunks, hidden, "y_chunks");
-  ce::check_range("chunk_ce", x_chunks, -1, hidden.size(0), "x_chunks (query rows, -1 = padding)");
-  ce::check_range("chunk_ce", y_chunks, -1, table.size(0), "y_chunks (table rows, -1 = padding)");
-  TORCH_CHECK(n_extra >= 0, "chunk_ce: n_extra_chunks must be >= 0, got ", n_extra);
+  ce::check_chunk_ce(hidden, table, targets, x_chunks, y_chunks, n_extra);
   ChunkPlan p;
   p.R = x_chunks.size(0);
   p.K = x_chunks.size(1);

@@ -11,18 +11,9 @@
 
 namespace scalerec {
 
-static void blockwise_ce_check_cuda(const at::Tensor& hidden, const at::Tensor& table, const at::Tensor& targets,
-                                    int64_t row_start, int64_t tile) {
-  ce::check_pair("blockwise_ce", hidden, table);
-  TORCH_CHECK(row_start >= 0 && row_start < table.size(0), "blockwise_ce: row_start must lie in [0, C=",
-              table.size(0), "), got ", row_start);
-  TORCH_CHECK(tile > 0, "blockwise_ce: tile must be positive, got ", tile);
-  ce::check_targets("blockwise_ce", hidden, table, targets, row_start);
-}
-
 std::tuple<at::Tensor, at::Tensor> blockwise_ce_cuda(const at::Tensor& hidden_, const at::Tensor& table_,
                                                      const at::Tensor& targets_, int64_t row_start, int64_t tile) {
-  blockwise_ce_check_cuda(hidden_, table_, targets_, row_start, tile);
+  ce::check_blockwise_ce(hidden_, table_, targets_, row_start, tile);
   c10::cuda::CUDAGuard guard(hidden_.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto hidden = hidden_.contiguous(), table = table_.contiguous(), targets = targets_.contiguous();
@@ -39,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> blockwise_ce_cuda(const at::Tensor& hidden_, 
 std::tuple<at::Tensor, at::Tensor> blockwise_ce_backward_cuda(const at::Tensor& grad_loss_, const at::Tensor& hidden_,
                                                               const at::Tensor& table_, const at::Tensor& targets_,
                                                               const at::Tensor& lse_, int64_t row_start, int64_t tile) {
-  blockwise_ce_check_cuda(hidden_, table_, targets_, row_start, tile);
+  ce::check_blockwise_ce(hidden_, table_, targets_, row_start, tile);
   c10::cuda::CUDAGuard guard(hidden_.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto hidden = hidden_.contiguous(), table = table_.contiguous(), targets = targets_.contiguous();

@@ -13,19 +13,6 @@
 
 namespace scalerec {
 
-static void bucket_ce_check_cuda(const at::Tensor& hidden, const at::Tensor& table, const at::Tensor& targets,
-                                 const at::Tensor& x_ids, const at::Tensor& y_ids) {
-  ce::check_pair("bucket_ce", hidden, table);
-  ce::check_targets("bucket_ce", hidden, table, targets);
-  TORCH_CHECK(x_ids.dim() == 2 && y_ids.dim() == 2 && x_ids.size(0) == y_ids.size(0),
-              "bucket_ce: x_ids must be [B, bx] and y_ids [B, by] with the same B, got ", x_ids.sizes(), " and ",
-              y_ids.sizes());
-  ce::check_index("bucket_ce", x_ids, hidden, "x_ids");
-  ce::check_index("bucket_ce", y_ids, hidden, "y_ids");
-  ce::check_range("bucket_ce", x_ids, 0, hidden.size(0), "x_ids (query rows)");
-  ce::check_range("bucket_ce", y_ids, 0, table.size(0), "y_ids (table rows)");
-}
-
 static int64_t bucket_group(int64_t B, int64_t bx, int64_t by) {
   return std::max<int64_t>(1, std::min<int64_t>(B, (int64_t(1) << 24) / std::max<int64_t>(1, bx * by)));
 }
@@ -44,7 +31,7 @@ static at::Tensor group_logits(const at::Tensor& hidden, const at::Tensor& table
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_ce_cuda(const at::Tensor& hidden_, const at::Tensor& table_,
                                                               const at::Tensor& targets_, const at::Tensor& x_ids_,
                                                               const at::Tensor& y_ids_) {
-  bucket_ce_check_cuda(hidden_, table_, targets_, x_ids_, y_ids_);
+  ce::check_bucket_ce(hidden_, table_, targets_, x_ids_, y_ids_);
   c10::cuda::CUDAGuard guard(hidden_.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto hidden = hidden_.contiguous(), table = table_.contiguous(), targets = targets_.contiguous();
@@ -81,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> bucket_ce_backward_cuda(const at::Tensor& gra
                                                            const at::Tensor& table_, const at::Tensor& targets_,
                                                            const at::Tensor& x_ids_, const at::Tensor& y_ids_,
                                                            const at::Tensor& lse_, const at::Tensor& arg_) {
-  bucket_ce_check_cuda(hidden_, table_, targets_, x_ids_, y_ids_);
+  ce::check_bucket_ce(hidden_, table_, targets_, x_ids_, y_ids_);
   c10::cuda::CUDAGuard guard(hidden_.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto hidden = hidden_.contiguous(), table = table_.contiguous(), targets = targets_.contiguous();

@@ -13,12 +13,7 @@ namespace scalerec {
 
 std::tuple<at::Tensor, at::Tensor> bucket_topk_cuda(const at::Tensor& dirs_, const at::Tensor& table_, int64_t k,
                                                     int64_t row_start, int64_t tile) {
-  ce::check_pair("bucket_topk", dirs_, table_, "directions");
-  TORCH_CHECK(row_start >= 0 && row_start <= table_.size(0), "bucket_topk: row_start must lie in [0, C=",
-              table_.size(0), "], got ", row_start);
-  TORCH_CHECK(k >= 1 && k <= table_.size(0) - row_start, "bucket_topk: k must lie in [1, ", table_.size(0) - row_start,
-              "] (the rows from row_start=", row_start, "), got ", k);
-  TORCH_CHECK(tile > 0, "bucket_topk: tile must be positive, got ", tile);
+  ce::check_bucket_topk(dirs_, table_, k, row_start, tile);
   c10::cuda::CUDAGuard guard(dirs_.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto dirs = dirs_.contiguous(), table = table_.contiguous();
