@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--sections", default="capacity,throughput,ray")
+    ap.add_argument("--sections", default=None, help="default: capacity,throughput,ray (quick: capacity,throughput)")
     ap.add_argument("--modes", default="one-step,shared-m,ar")
     ap.add_argument("--lengths", default="16,32,64,128")
     ap.add_argument("--passages", type=int, default=5)
@@ -130,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from scalerec.llm import FitConfig, fit_shared_m, load_causal_lm
 
-    sections = args.sections.split(",")
+    sections = (args.sections or ("capacity,throughput" if args.quick else "capacity,throughput,ray")).split(",")
     modes = args.modes.split(",")
-    if args.quick:
-        args.lengths, args.passages, args.max_steps = "8,16", 2, 300
+    if args.quick:  # proves the script end to end; the figures come from the full runs
+        args.lengths, args.passages, args.max_steps = "4,8", 1, 150
         args.shared_corpus, args.shared_steps = 4, 60
         modes = ["one-step", "ar"]
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             figures["mean_steps_16_tokens"] = mean_steps
     if "ray" in sections:
         del lm
-        figures["ray"] = ray_scaling(args.model, 4 if args.quick else 8, 8, 10 if args.quick else 40, log=log)
+        figures["ray"] = ray_scaling(args.model, 4 if args.quick else 8, 8, 5 if args.quick else 40, log=log)
     figures["seconds"] = round(time.perf_counter() - t_all, 1)
     line = json.dumps(figures)
     if args.json_out:
