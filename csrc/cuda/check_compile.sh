@@ -18,7 +18,7 @@ files=("$@")
 [ ${#files[@]} -gt 0 ] || files=(csrc/cuda/*.cu)
 for f in "${files[@]}"; do
   echo "nvcc: $f"
-  "$NVCC" -std=c++17 --expt-relaxed-constexpr -DTORCH_EXTENSION_NAME=_C -I"$tmp/stub" $TI -I"$PYI" \
+  "$NVCC" -std=c++20 --expt-relaxed-constexpr -DTORCH_EXTENSION_NAME=_C -I"$tmp/stub" $TI -I"$PYI" \
     -c "$f" -o "$tmp/$(basename "$f").o"
 done
 echo "check_compile: ${#files[@]} file(s) compiled"
