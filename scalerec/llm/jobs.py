@@ -284,10 +284,12 @@ def _fit_kwargs(fit: dict) -> dict:
 # the driver
 
 def run_job(spec: JobSpec, ray_address: str | None = None, progress: bool = True,
-            max_shards: int | None = None) -> dict:
+            max_shards: int | None = None, max_retries: int = 2) -> dict:
     """Run (or resume) an encoding job; returns a summary of the work done in this run.
 
     ``max_shards`` stops after that many shards of this run were written (for tests and partial runs).
+    A worker that dies (killed, out of memory) is replaced and its shard retried up to ``max_retries`` times;
+    an exception raised by the fitting code itself stops the job (finished shards stay on disk).
     """
     _fit_kwargs(spec.fit)  # fail early on unknown settings
     if spec.mode not in ("one-step", "ar"):
@@ -337,12 +339,28 @@ def run_job(spec: JobSpec, ray_address: str | None = None, progress: bool = True
         for a in actors:
             if queue:
                 k = queue.pop(0)
-                running[a.fit_shard.remote(k, shards[k])] = a
+                running[a.fit_shard.remote(k, shards[k])] = (a, k)
+        tries: dict[int, int] = {}
         while running:
             done, _ = ray.wait(list(running), num_returns=1)
             ref = done[0]
-            a = running.pop(ref)
-            res = ray.get(ref)
+            a, k_done = running.pop(ref)
+            try:
+                res = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.OutOfMemoryError) as exc:
+                # the worker died (killed, out of memory): finished shards are on disk; give this shard
+                # to a fresh actor, at most `max_retries` times
+                tries[k_done] = tries.get(k_done, 0) + 1
+                if tries[k_done] > max_retries:
+                    raise RuntimeError(f"shard {k_done}: worker died {tries[k_done]} times; last: {exc}") from exc
+                try:
+                    ray.kill(a)
+                except Exception:
+                    pass
+                actors[actors.index(a)] = a = Actor.remote(spec, shared)
+                running[a.fit_shard.remote(k_done, shards[k_done])] = (a, k_done)
+                continue
             summary["written"] += 1
             for key in ("texts", "fitted", "failed", "exact", "tokens"):
                 summary[key] += res[key]
@@ -351,7 +369,7 @@ def run_job(spec: JobSpec, ray_address: str | None = None, progress: bool = True
             bar.set_postfix(tok_s=f"{summary['tokens'] / max(el, 1e-9):.1f}", failed=summary["failed"])
             if queue:
                 k = queue.pop(0)
-                running[a.fit_shard.remote(k, shards[k])] = a
+                running[a.fit_shard.remote(k, shards[k])] = (a, k)
         bar.close()
         for a in actors:
             ray.kill(a)
