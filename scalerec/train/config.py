@@ -39,6 +39,11 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+from scalerec.train.scaleout_defaults import SCALEOUT_DEFAULTS  # noqa: E402  (plain dict, imports nothing heavy)
+
+DEFAULTS.update(SCALEOUT_DEFAULTS)
+
+
 class ConfigError(ValueError):
     pass
 

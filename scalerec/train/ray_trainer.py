@@ -47,26 +47,13 @@ def with_scaleout_defaults(cfg: DictConfig) -> DictConfig:
 
 
 def load_scaleout_config(path: str | None, overrides: Sequence[str] = ()) -> DictConfig:
-    """The training config (``scalerec.train.config``) extended with the ``scaleout`` section."""
-    from scalerec.train import config as base_config
+    """The training config (``scalerec.train.config``, which includes the ``scaleout`` section)."""
+    from scalerec.train.config import ConfigError, load_config
 
-    base = OmegaConf.merge(OmegaConf.create(base_config.DEFAULTS), OmegaConf.create(SCALEOUT_DEFAULTS))
-    OmegaConf.set_struct(base, True)
-    OmegaConf.set_struct(base.loss, False)
-    layers = []
-    if path is not None:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"config file not found: {path}")
-        layers.append(OmegaConf.load(path))
-    for ov in overrides:
-        if "=" not in ov:
-            raise ScaleOutConfigError(f"override {ov!r} must look like key=value (e.g. trainer.workers=2)")
     try:
-        cfg = OmegaConf.merge(base, *layers, OmegaConf.from_dotlist(list(overrides)))
-    except Exception as exc:  # omegaconf's key errors
-        raise ScaleOutConfigError(f"{path or 'config'}: {str(exc).splitlines()[0]}") from None
-    base_config.validate(cfg)
-    return cfg
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        raise ScaleOutConfigError(str(exc)) from None
 
 
 def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
