@@ -63,7 +63,11 @@ def rank_and_topk(
         s = queries @ table[lo:hi].t()
         sel = (ex_cols >= lo) & (ex_cols < hi)
         s[ex_rows[sel], ex_cols[sel] - lo] = -math.inf
-        ranks += (s > target_scores[:, None]).sum(1)
+        beats = s > target_scores[:, None]
+        # the target never beats itself (its tiled score may round above the separately computed one)
+        own = (targets >= lo) & (targets < hi)
+        beats[own.nonzero(as_tuple=True)[0], targets[own] - lo] = False
+        ranks += beats.sum(1)
         cand_s = torch.cat([best_s, s], 1)
         cand_i = torch.cat([best_i, torch.arange(lo, hi, device=s.device).expand(B, -1)], 1)
         best_s, pos = cand_s.topk(k, dim=1)
