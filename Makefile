@@ -7,7 +7,7 @@ STAMP := $(VENV)/.scalerec-installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py
 PYTEST_ARGS ?=
 
-.PHONY: all install ext test demo bench clean
+.PHONY: all install ext test demo bench cuda-check clean
 
 all: test
 
@@ -36,6 +36,11 @@ test: install
 
 demo: install
 	$(BIN)/scalerec train launch/configs/beauty_demo.yaml
+
+# Compile every CUDA source with nvcc against torch's headers (no GPU needed): catches CUDA build breaks
+# on machines where the extension itself is built CPU-only.
+cuda-check: $(STAMP)
+	bash csrc/cuda/check_compile.sh
 
 bench: install
 	$(BIN)/python benchmarks/quality.py --quick

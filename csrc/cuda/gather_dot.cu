@@ -1,5 +1,5 @@
 // CUDA kernels of gather_dot (compiled only when torch has CUDA and a toolkit is present).
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -52,7 +52,7 @@ at::Tensor gather_dot_cuda(const at::Tensor& x_, const at::Tensor& table_, const
   const int threads = 256;
   const int64_t blocks = (N * K * 32 + threads - 1) / threads;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gather_dot_cuda", [&] {
-    gather_dot_fwd_kernel<scalar_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    gather_dot_fwd_kernel<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), N, K, d);
   });
   return out;
@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> gather_dot_backward_cuda(const at::Tensor& gr
   const int threads = 256;
   const int64_t blocks = (N * K * 32 + threads - 1) / threads;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gather_dot_backward_cuda", [&] {
-    gather_dot_bwd_kernel<scalar_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    gather_dot_bwd_kernel<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
         gx.data_ptr<scalar_t>(), gt.data_ptr<scalar_t>(), N, K, d);
   });

@@ -5,7 +5,7 @@
 // The dense products go to cuBLAS through at::mm; the selection uses at::topk on the magnitudes (radix select
 // on the GPU); the sparse-by-dense update scatters the k deltas into the compact rows (or columns) that hold
 // them with one kernel, then does one GEMM over those rows only.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> sparsegrad_topk_grad_cuda(const at::Tensor& g
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor G = rotated_weight_grad_cuda(grad_out, x, u_out_, u_in_).reshape(-1);
   auto top = at::topk(G.abs().to(at::kFloat), k, /*dim=*/0, /*largest=*/true, /*sorted=*/false);
-  at::Tensor idx = std::get<1>(top).sort().values;  // ascending -> coalesced COO order
+  at::Tensor idx = std::get<0>(std::get<1>(top).sort());  // ascending -> coalesced COO order
   return {idx, G.index_select(0, idx)};
 }
 
@@ -87,7 +87,7 @@ void sparsegrad_rotated_update_cuda(const at::Tensor& weight, const at::Tensor& 
   const int threads = 256;
   const int64_t blocks = (k + threads - 1) / threads;
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparsegrad_rotated_update_cuda", [&] {
-    scatter_lines_kernel<scalar_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    scatter_lines_kernel<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         indices.data_ptr<int64_t>(), delta.data_ptr<scalar_t>(), slot.data_ptr<int64_t>(), k, I, by_rows,
         D.data_ptr<scalar_t>(), L);
   });
