@@ -5,9 +5,9 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.scalerec-installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu) setup.py
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -m "not llm_long"
 
-.PHONY: all install ext test demo bench cuda-check clean
+.PHONY: all install ext test test-llm demo bench cuda-check clean
 
 all: test
 
@@ -33,6 +33,10 @@ ext: scalerec/.ext-built
 
 test: install
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The long LLM tests (SmolLM2 fits of several texts, 2-worker Ray encoding jobs): ~10+ minutes on 2 cores.
+test-llm: install
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m llm_long
 
 demo: install
 	$(BIN)/scalerec train launch/configs/beauty_demo.yaml

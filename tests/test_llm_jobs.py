@@ -67,6 +67,7 @@ def _texts(n: int) -> list[str]:
     return [" ".join(words[5 * i: 5 * i + 3 + i % 4]) for i in range(n)]
 
 
+@pytest.mark.llm_long
 def test_job_two_workers_writes_every_text_once_and_records_failures(tiny, ray_local, tmp_path):
     texts = _texts(9)
     lines = [json.dumps({"id": f"t{i}", "text": t}) for i, t in enumerate(texts)]
@@ -135,6 +136,7 @@ def test_killed_job_resumes_without_refitting(tiny, tmp_path):
     assert not list(out.glob(".*tmp*"))
 
 
+@pytest.mark.llm_long
 def test_job_and_decode_on_smollm2(lm, tmp_path):
     """The real path: `scalerec encode` fits SmolLM2 inside a Ray worker; `scalerec decode` reproduces the texts."""
     from scalerec.cli import main
