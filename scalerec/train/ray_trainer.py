@@ -199,8 +199,11 @@ def sharded_evaluate(encode, table, evset, ks: Sequence[int], batch_size: int, m
         hq = [hist[j] for j in order]
         t_s = (Q * table.gather_replicated(tgt)).sum(1)
         cnt = torch.zeros(len(order), dtype=torch.long)
-        for _, _, rows in table.tiles(65536):
-            cnt += (Q @ rows.t() > t_s.unsqueeze(1)).sum(1)
+        for lo, hi, rows in table.tiles(65536):
+            beats = Q @ rows.t() > t_s.unsqueeze(1)
+            # the target never beats itself (its tiled score may round above t_s), as in scalerec.eval
+            beats &= tgt.unsqueeze(1) != table.local_ids(lo, hi).unsqueeze(0)
+            cnt += beats.sum(1)
         coll.all_reduce(cnt, "sum", table.group)
         # the history (minus the target) does not count: subtract those items that scored above the target
         pairs = [(j, h) for j, hs in enumerate(hq) for h in np.unique(hs) if h != tgt[j] and h > 0]
