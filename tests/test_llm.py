@@ -51,7 +51,6 @@ def test_ar_fits_16_tokens_and_decodes(lm):
     assert decode_ar(lm, res.vectors, 16) == [toks]
 
 
-@pytest.mark.llm_long
 def test_batch_of_different_lengths_fits_each_text_independently(lm):
     """Texts of 4 and 8 tokens in one batch: the short one stops early, and neither is changed by the other."""
     short, long_ = passage_ids(lm, 4, 0), passage_ids(lm, 8, 0)
@@ -68,7 +67,6 @@ def test_batch_of_different_lengths_fits_each_text_independently(lm):
     assert dec == [short, long_]
 
 
-@pytest.mark.llm_long
 def test_shared_m_leaves_one_vector_per_text(lm):
     from scalerec.llm import fit_shared_m
 

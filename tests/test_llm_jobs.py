@@ -67,7 +67,6 @@ def _texts(n: int) -> list[str]:
     return [" ".join(words[5 * i: 5 * i + 3 + i % 4]) for i in range(n)]
 
 
-@pytest.mark.llm_long
 def test_job_two_workers_writes_every_text_once_and_records_failures(tiny, ray_local, tmp_path):
     texts = _texts(9)
     lines = [json.dumps({"id": f"t{i}", "text": t}) for i, t in enumerate(texts)]
@@ -136,6 +135,8 @@ def test_killed_job_resumes_without_refitting(tiny, tmp_path):
     assert not list(out.glob(".*tmp*"))
 
 
+# Known failure (2026-11-25): passage 2 at 8 tokens stays below accuracy 1.0 within the default 400-step
+# budget inside the job, so `all(accuracy == 1.0)` fails; run with `make test-llm` while the fitter is tuned.
 @pytest.mark.llm_long
 def test_job_and_decode_on_smollm2(lm, tmp_path):
     """The real path: `scalerec encode` fits SmolLM2 inside a Ray worker; `scalerec decode` reproduces the texts."""
