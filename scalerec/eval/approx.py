@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from scalerec.data.batching import pad_left
-from scalerec.eval.metrics import metrics_from_ranks
+from scalerec.eval.metrics import eval_cases, metrics_from_ranks
 from scalerec.retrieval import ExactIndex, MipsIndex, make_index
 
 
@@ -47,12 +47,7 @@ def evaluate_with_index(
     """Metrics of the index's top-k lists (see module doc). ``index``: a spec for ``make_index``
     (``"exact"``, ``"bucket"`` or a FAISS factory string, with ``index_params`` such as ``nprobe``) or a built
     ``MipsIndex``."""
-    evset = dataset_or_set.eval_set(split) if hasattr(dataset_or_set, "eval_set") else dataset_or_set
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    n = len(evset) if max_cases is None else min(len(evset), max_cases)
-    if n == 0:
-        raise ValueError(f"no {split} cases to evaluate")
+    evset, n = eval_cases(dataset_or_set, split, batch_size, max_cases)
     was_training = model.training
     model.eval()
     table = model.item_table.detach()

@@ -75,6 +75,17 @@ def rank_and_topk(
     return ranks, best_i
 
 
+def eval_cases(dataset_or_set, split: str, batch_size: int, max_cases: int | None) -> tuple[EvalSet, int]:
+    """The evaluation set of ``split`` (or the given ``EvalSet``) and how many of its cases to score."""
+    evset: EvalSet = dataset_or_set.eval_set(split) if hasattr(dataset_or_set, "eval_set") else dataset_or_set
+    if batch_size <= 0:
+        raise ValueError(f"eval.batch_size must be positive, got {batch_size}")
+    n = len(evset) if max_cases is None else min(len(evset), max_cases)
+    if n == 0:
+        raise ValueError(f"no {split} cases to evaluate")
+    return evset, n
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -86,12 +97,7 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, float]:
     """Full-ranking metrics of ``model`` (anything with ``last_hidden(seqs)`` and ``item_table``)."""
-    evset: EvalSet = dataset_or_set.eval_set(split) if hasattr(dataset_or_set, "eval_set") else dataset_or_set
-    if batch_size <= 0:
-        raise ValueError(f"eval.batch_size must be positive, got {batch_size}")
-    n = len(evset) if max_cases is None else min(len(evset), max_cases)
-    if n == 0:
-        raise ValueError(f"no {split} cases to evaluate")
+    evset, n = eval_cases(dataset_or_set, split, batch_size, max_cases)
     was_training = model.training
     model.eval()
     table = model.item_table.detach()
