@@ -26,3 +26,10 @@ def has_cuda_kernels() -> bool:
 
     load_extension()
     return torch._C._dispatch_has_kernel_for_dispatch_key("scalerec::gather_dot", "CUDA")
+
+
+def hidden_table_grads(ctx, grad_h, grad_t, n_inputs: int) -> tuple:
+    """The autograd return of an op whose first two inputs are ``hidden`` and ``table`` (the rest get None)."""
+    return (grad_h if ctx.needs_input_grad[0] else None, grad_t if ctx.needs_input_grad[1] else None) + (None,) * (
+        n_inputs - 2
+    )

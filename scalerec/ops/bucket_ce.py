@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from scalerec.ops._lib import load_extension
+from scalerec.ops._lib import hidden_table_grads, load_extension
 
 load_extension()
 
@@ -38,13 +38,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_lse, _grad_arg):
     hidden, table, targets, x_ids, y_ids, lse, arg = ctx.saved_tensors
     grad_h, grad_t = torch.ops.scalerec.bucket_ce_backward(grad_loss, hidden, table, targets, x_ids, y_ids, lse, arg)
-    return (
-        grad_h if ctx.needs_input_grad[0] else None,
-        grad_t if ctx.needs_input_grad[1] else None,
-        None,
-        None,
-        None,
-    )
+    return hidden_table_grads(ctx, grad_h, grad_t, 5)
 
 
 torch.library.register_autograd("scalerec::bucket_ce", _backward, setup_context=_setup_context)

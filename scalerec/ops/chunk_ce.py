@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from scalerec.ops._lib import load_extension
+from scalerec.ops._lib import hidden_table_grads, load_extension
 
 load_extension()
 
@@ -38,14 +38,7 @@ def _backward(ctx, grad_loss, _grad_lse):
     grad_h, grad_t = torch.ops.scalerec.chunk_ce_backward(
         grad_loss, hidden, table, targets, x_chunks, y_chunks, ctx.n_extra, lse
     )
-    return (
-        grad_h if ctx.needs_input_grad[0] else None,
-        grad_t if ctx.needs_input_grad[1] else None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return hidden_table_grads(ctx, grad_h, grad_t, 6)
 
 
 torch.library.register_autograd("scalerec::chunk_ce", _backward, setup_context=_setup_context)
