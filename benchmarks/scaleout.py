@@ -57,11 +57,13 @@ def run(items, workers, steps, out, name, log, **over):
            "samples_per_s": r["global_batch"] * n / max(r["train_seconds"], 1e-9),
            "peak_rss_per_rank": r["peak_rss_per_rank"], "table_bytes": r["table_bytes"],
            "plan_total": p["total"], "wall_s": time.time() - t, "final_loss": r["final_loss"],
-           "valid_ndcg10": r["valid"].get("NDCG@10")}
+           "valid_ndcg10": r["valid"].get("NDCG@10"),
+           "phase_s_per_step": {k: v / max(n, 1) for k, v in (r.get("phase_seconds") or {}).items()}}
     rec["plan_error"] = abs(p["total"] - max(rec["peak_rss_per_rank"])) / max(rec["peak_rss_per_rank"])
     log(f"C={int(items):.0e} W={workers}: {rec['seconds_per_step']:.3f} s/step, {rec['samples_per_s']:.1f} seq/s, "
         f"peak RSS/rank {[round(b / GB, 2) for b in rec['peak_rss_per_rank']]} GB, plan {p['total'] / GB:.2f} GB "
-        f"(err {rec['plan_error']:.2f})")
+        f"(err {rec['plan_error']:.2f}); per step by phase (rank 0): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in rec["phase_s_per_step"].items()))
     return rec
 
 

@@ -45,6 +45,25 @@ def test_sce_cpp_matches_reference_same_generator_float64(mix_x):
     assert torch.count_nonzero(out[2][0]) == 0  # the padding row is never a candidate
 
 
+@pytest.mark.parametrize("impl", ["cpp", "reference"])
+def test_sce_sparse_grad_equals_dense(impl):
+    hidden, table, targets = _inputs(N=50, C=300, d=8, seed=2)
+    params = dict(n_buckets=6, bucket_size_x=10, bucket_size_y=20, impl=impl)
+    gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    dense = _loss_and_grads(lambda h, t, y: sce(h, t, y, generator=gen(), **params), hidden, table, targets)
+    sparse = _loss_and_grads(lambda h, t, y: sce(h, t, y, generator=gen(), sparse_grad=True, **params),
+                             hidden, table, targets)
+    assert sparse[2].is_sparse and not dense[2].is_sparse
+    touched = sparse[2].coalesce().indices()[0]
+    assert 0 < touched.numel() < table.size(0) and 0 not in touched.tolist()
+    _assert_close_scaled(sparse[:2], dense[:2], 1e-12)
+    _assert_close_scaled([sparse[2].to_dense()], [dense[2]], 1e-12)
+    # the rows outside the touched set get no gradient in the dense version either
+    outside = torch.ones(table.size(0), dtype=torch.bool)
+    outside[touched] = False
+    assert torch.count_nonzero(dense[2][outside]) == 0
+
+
 def test_sce_cpp_matches_float64_reference_float32_with_directions():
     hidden, table, targets = _inputs(N=300, C=2000, d=16, dtype=torch.float32, seed=1)
     dirs = sce_directions(hidden.double(), 30, generator=torch.Generator().manual_seed(3))

@@ -54,11 +54,16 @@ def sce(
     tile: int = 8192,
     generator: torch.Generator | None = None,
     directions: torch.Tensor | None = None,
+    sparse_grad: bool = False,
 ) -> torch.Tensor:
     """SCE loss of ``hidden [N, d]`` against ``table [C+1, d]`` (row 0 = padding, never a candidate).
 
     ``directions`` (``[n_b, d]``) overrides the random draw (then ``n_buckets``/``mix_x``/``generator`` are
     unused); otherwise they are drawn with ``generator`` (or the global RNG).
+
+    ``sparse_grad``: the table's gradient from this loss is a sparse COO tensor over the rows it touches (the
+    targets and the candidates) instead of a dense ``[C+1, d]`` one — for huge catalogs trained with a
+    row-sparse optimizer (``torch.optim.SparseAdam``); the values are the same.
     """
     if impl not in _IMPLS:
         raise ValueError(f"sce: impl must be one of {_IMPLS}, got {impl!r}")
@@ -76,15 +81,25 @@ def sce(
     if b_x <= 0 or b_y <= 0:
         raise ValueError(f"sce: bucket_size_x and bucket_size_y must be positive, got {b_x} and {b_y}")
     b_x, b_y = min(b_x, N), min(b_y, C)
-    if impl == "cpp":
-        _, x_ids = bucket_topk(directions, hidden.detach(), b_x, row_start=0, tile=tile)
-        _, y_ids = bucket_topk(directions, table.detach(), b_y, row_start=1, tile=tile)
-        loss, covered = bucket_ce(hidden, table, targets, x_ids, y_ids)
-    else:
-        _, x_ids = bucket_topk_reference(directions, hidden.detach(), b_x, row_start=0)
-        _, y_ids = bucket_topk_reference(directions, table.detach(), b_y, row_start=1)
-        loss, covered = bucket_ce_reference(hidden, table, targets, x_ids, y_ids)
+    topk, ce = (bucket_topk, bucket_ce) if impl == "cpp" else (bucket_topk_reference, bucket_ce_reference)
+    kw = {"tile": tile} if impl == "cpp" else {}
+    _, x_ids = topk(directions, hidden.detach(), b_x, row_start=0, **kw)
+    _, y_ids = topk(directions, table.detach(), b_y, row_start=1, **kw)
+    if sparse_grad:
+        table, targets, y_ids = compact_rows(table, targets, y_ids)
+    loss, covered = ce(hidden, table, targets, x_ids, y_ids)
     return loss[covered].mean()
+
+
+def compact_rows(table: torch.Tensor, targets: torch.Tensor, y_ids: torch.Tensor):
+    """The rows of ``targets`` and ``y_ids`` as a compact table (row 0 = padding) read through a sparse
+    embedding lookup, so the gradient reaching ``table`` is a sparse COO tensor over those rows; returns
+    ``(compact table, targets, y_ids)`` renumbered into it (a bijection: masking by id equality is unchanged)."""
+    ids, inv = torch.unique(torch.cat([targets, y_ids.reshape(-1)]), return_inverse=True)
+    rows = torch.nn.functional.embedding(ids, table, sparse=True)
+    compact = torch.cat([rows.new_zeros(1, rows.size(1)), rows])
+    n = targets.numel()
+    return compact, inv[:n] + 1, (inv[n:] + 1).view_as(y_ids)
 
 
 @register_loss(
@@ -97,6 +112,7 @@ def sce(
         "impl": "cpp",
         "tile": 8192,
         "generator": None,
+        "sparse_grad": False,
     },
 )
 def sce_loss(hidden, table, targets, **params):

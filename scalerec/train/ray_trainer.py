@@ -238,6 +238,9 @@ def latest_complete_checkpoint(run_dir: str) -> str | None:
     return best
 
 
+_PHASES = ("lookup", "forward", "loss", "backward", "dense_step", "table_step")
+
+
 def _log(msg: str) -> None:
     print(f"[scalerec worker] {msg}", flush=True)
 
@@ -365,6 +368,7 @@ def train_loop_per_worker(config: dict) -> dict:
     last_loss = float("nan")
     step_losses: list[tuple[int, float]] = []  # (global step, loss) of this attempt
     train_seconds = 0.0  # time in training steps of this attempt (no evaluation, no checkpoints)
+    phases = dict.fromkeys(_PHASES, 0.0)  # where the step time goes (this rank)
     while state["epoch"] <= epochs and not stop:
         epoch = int(state["epoch"])
         losses = []
@@ -378,14 +382,22 @@ def train_loop_per_worker(config: dict) -> dict:
             t_step = time.perf_counter()
             torch.manual_seed((seed * 1_000_003 + g) * 64 + rank)  # dropout: differs per rank
             rows = table.lookup(x)
+            t1 = time.perf_counter()
             h = engine(x, rows)
             mask = y > 0
+            t2 = time.perf_counter()
             torch.manual_seed(seed * 7_919 + g)  # the loss's sampling: the same on every rank
             loss = loss_fn(h[mask], table, y[mask])
+            t3 = time.perf_counter()
             engine.backward(loss * W)  # DeepSpeed averages the dense gradients over W; the loss is the global mean
+            t4 = time.perf_counter()
             engine.step()
+            t5 = time.perf_counter()
             table.step(grad_scale=1.0 / W)
-            train_seconds += time.perf_counter() - t_step
+            t6 = time.perf_counter()
+            for k, dt_ in zip(_PHASES, (t1 - t_step, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+                phases[k] += dt_
+            train_seconds += t6 - t_step
             rss_stages.setdefault("after_first_step", _peak_rss())
             last_loss = float(loss.detach())
             losses.append(last_loss)
@@ -425,9 +437,11 @@ def train_loop_per_worker(config: dict) -> dict:
              "world_size": W, "restored_from": state["restored_from"], "restore_source": state["restore_source"],
              "final_loss": last_loss,
              "table_bytes": table.nbytes(), "step_losses": step_losses, "train_seconds": train_seconds,
+             "phase_seconds": phases,
              "global_batch": data.B, "peak_rss_per_rank": _peak_rss_all(table.group), "rss_stages": rss_stages}
     if rank == 0:
         _log("final " + json.dumps({k: final[k] for k in ("best_epoch", "global_step", "seconds", "world_size")}))
+        _log("step time by phase (rank 0, s): " + json.dumps({k: round(v, 3) for k, v in phases.items()}))
     return final
 
 
