@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         args.shared_corpus, args.shared_steps = 4, 60
         modes = ["one-step", "ar"]
     lengths = [int(x) for x in args.lengths.split(",")]
-    figures: dict = {"model": args.model, "threads": args.threads, "quick": args.quick, "paper_pythia160m": PAPER}
+    figures: dict = {"model": args.model, "threads": args.threads, "quick": args.quick, "paper_pythia160m": PAPER,
+                     "load_average_start": os.getloadavg()}
     t_all = time.perf_counter()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     lm = load_causal_lm(args.model)
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         del lm
         figures["ray"] = ray_scaling(args.model, 4 if args.quick else 8, 8, 5 if args.quick else 40, log=log)
     figures["seconds"] = round(time.perf_counter() - t_all, 1)
+    figures["load_average_end"] = os.getloadavg()
+    figures["fit_config"] = cfg.to_dict()
     line = json.dumps(figures)
     if args.json_out:
         Path(args.json_out).write_text(line + "\n")

@@ -28,6 +28,18 @@ def test_model_is_frozen(lm):
     assert lm.decode_ids(lm.encode("To be, or not to be")) == "To be, or not to be"
 
 
+def test_inputs_start_with_the_sink_token(lm):
+    from scalerec.llm.inputs import n_sink, one_step_inputs
+
+    assert lm.sink_id == lm.tokenizer.bos_token_id is not None and n_sink(lm) == 1
+    e, m = torch.randn(3, 1, 576), torch.randn(3, 1, 576)
+    x = one_step_inputs(lm, e, m, 5)
+    assert x.shape == (3, 6, 576)
+    torch.testing.assert_close(x[:, 0], lm.embedding.weight[lm.sink_id].expand(3, 576))
+    torch.testing.assert_close(x[:, 1], e[:, 0])
+    torch.testing.assert_close(x[:, 2:], m.expand(3, 4, 576))
+
+
 def test_one_step_fits_16_tokens_and_decodes_in_one_forward(lm):
     toks = passage_ids(lm, 16, 0)
     cfg = FitConfig()

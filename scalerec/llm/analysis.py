@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .fitting import FitConfig, _init_vectors, _text_seed, fit_one_step
+from .inputs import one_step_logits
 from .model import LoadedLM
 
 
@@ -46,8 +47,7 @@ def path_accuracy(lm: LoadedLM, toks: list[int], points: torch.Tensor, batch: in
     accs: list[float] = []
     for s in range(0, len(points), batch):
         p = points[s: s + batch].to(lm.device, lm.dtype)
-        inputs = torch.cat([p[:, 0:1], p[:, 1:2].expand(len(p), L - 1, p.shape[-1])], dim=1)
-        ids = lm.model(inputs_embeds=inputs).logits.argmax(-1).cpu()
+        ids = one_step_logits(lm, p[:, 0:1], p[:, 1:2], L).argmax(-1).cpu()
         accs.extend((ids == tgt).float().mean(1).tolist())
     return accs
 
@@ -80,8 +80,7 @@ def fit_quadratic_path(lm: LoadedLM, toks: list[int], a: torch.Tensor, b: torch.
     for _ in range(steps):
         t = (torch.arange(n_t) + torch.rand(n_t, generator=gen)) / n_t
         p = bezier(a, c, b, t).to(lm.device, lm.dtype)
-        inputs = torch.cat([p[:, 0:1], p[:, 1:2].expand(n_t, L - 1, p.shape[-1])], dim=1)
-        logits = lm.model(inputs_embeds=inputs).logits.float().reshape(-1, lm.model.config.vocab_size)
+        logits = one_step_logits(lm, p[:, 0:1], p[:, 1:2], L).float().reshape(-1, lm.model.config.vocab_size)
         ratio = curve_length(a, c, b) / straight
         loss = F.cross_entropy(logits, tgt) + 10.0 * torch.relu(ratio - max_ratio) ** 2
         opt.zero_grad()

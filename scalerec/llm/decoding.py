@@ -5,6 +5,7 @@ import inspect
 
 import torch
 
+from .inputs import one_step_logits, with_sink
 from .model import LoadedLM
 
 
@@ -39,8 +40,7 @@ def decode_one_step(lm: LoadedLM, vectors, lengths, shared_m: torch.Tensor | Non
         if v.shape[1] < 2:
             raise ValueError("one-step vectors need [e, m] (or pass shared_m)")
         m = v[:, 1:2, :]
-    inputs = torch.cat([e, m.expand(B, L - 1, d)], dim=1).to(lm.device, lm.dtype)
-    ids = lm.model(inputs_embeds=inputs).logits.argmax(-1).cpu()
+    ids = one_step_logits(lm, e.to(lm.device, lm.dtype), m.to(lm.device, lm.dtype), L).argmax(-1).cpu()
     return [ids[i, : lens[i]].tolist() for i in range(B)]
 
 
@@ -57,7 +57,7 @@ def decode_ar(lm: LoadedLM, vectors, lengths) -> list[list[int]]:
     emb = lm.embedding
     # transformers 5 renamed `past_key_values` to `cache`; accept both
     key = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
-    out = lm.model(inputs_embeds=v, use_cache=True)
+    out = lm.model(inputs_embeds=with_sink(lm, v), use_cache=True)
     nxt = out.logits[:, -1, :].argmax(-1)
     ids = [nxt]
     for _ in range(L - 1):

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .inputs import n_sink, one_step_logits, with_sink
 from .model import LoadedLM
 
 
@@ -49,6 +50,7 @@ class FitConfig:
     ce_floor: float = 0.0            # per-token loss max(CE - ce_floor, 0): tokens already predicted with
                                      # confidence stop pulling, the gradient goes to the ones still wrong
     restart_patience: int | None = None  # re-initialise a text whose best accuracy has not improved for this many steps
+    wrong_weight: float = 1.0        # per-token loss weight of the tokens whose argmax is wrong (the others weigh 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,21 +75,7 @@ class FitResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# inputs per mode
-
-def _one_step_inputs(vecs: torch.Tensor, lengths: torch.Tensor, shared_m: torch.Tensor | None,
-                     L: int) -> torch.Tensor:
-    """[B, L, d]: position 0 is e, positions 1..L-1 are m (padding positions get m too; causal mask hides them)."""
-    B, _, d = vecs.shape
-    e = vecs[:, 0:1, :]
-    m = vecs[:, 1:2, :] if shared_m is None else shared_m.view(1, 1, d).expand(B, 1, d)
-    return torch.cat([e, m.expand(B, L - 1, d)], dim=1)
-
-
-def _ar_inputs(vecs: torch.Tensor, tok_emb: torch.Tensor) -> torch.Tensor:
-    """[B, n_mem + L - 1, d]: the mem vectors, then the embeddings of all tokens but the last."""
-    return torch.cat([vecs, tok_emb[:, :-1, :]], dim=1)
-
+# initialisation and schedule
 
 def _init_vectors(lm: LoadedLM, n: int, cfg: FitConfig, gen: torch.Generator) -> torch.Tensor:
     W = lm.embedding.weight.detach().float()
@@ -130,6 +118,8 @@ def padded_targets(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Te
 
 
 def _check_tokens(lm: LoadedLM, token_lists: list[list[int]], extra: int) -> None:
+    """Every text non-empty and within the context with ``extra`` fitted positions (and the sink) in front."""
+    extra += n_sink(lm)
     for i, toks in enumerate(token_lists):
         if len(toks) == 0:
             raise ValueError(f"text {i}: empty (no tokens to fit)")
@@ -181,23 +171,28 @@ def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, 
         x = P[idx.to(dev)].clone().requires_grad_(True)
         xin = x.to(dt)
         if mode == "one-step":
-            inputs = _one_step_inputs(xin, lengths[idx], sm, L)
-            off = 0
+            m = xin[:, 1:2, :] if sm is None else sm.view(1, 1, d).expand(len(idx), 1, d)
+            logits = one_step_logits(lm, xin[:, 0:1, :], m, L).float()
         else:
-            tok = emb(tgt.clamp(min=0))  # padding positions embed token 0: after the real ones, never seen
-            inputs = _ar_inputs(xin, tok)
-            off = n_vectors - 1
-        logits = lm.model(inputs_embeds=inputs).logits[:, off: off + L, :].float()
+            # the mem vectors, then the embeddings of all tokens but the last (padding positions embed token 0:
+            # after the real ones, never seen); position n_mem - 1 predicts token 0
+            tok = emb(tgt.clamp(min=0))
+            inputs = with_sink(lm, torch.cat([xin, tok[:, :-1, :]], dim=1))
+            off = n_sink(lm) + n_vectors - 1
+            logits = lm.model(inputs_embeds=inputs).logits[:, off: off + L, :].float()
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none",
                              ignore_index=-100).view(len(idx), L)
         mask = tgt != -100
         n_tok = mask.sum(1)
         lossc_tok = ce if cfg.ce_floor <= 0 else torch.clamp(ce - cfg.ce_floor, min=0.0)
+        wrong = logits.detach().argmax(-1) != tgt
+        if cfg.wrong_weight != 1.0:
+            lossc_tok = lossc_tok * torch.where(wrong, cfg.wrong_weight, 1.0)
         loss_per = (lossc_tok * mask).sum(1) / n_tok
         plain = (ce * mask).sum(1) / n_tok
         loss_per.sum().backward()
         with torch.no_grad():
-            correct = ((logits.argmax(-1) == tgt) & mask).sum(1)
+            correct = (~wrong & mask).sum(1)
             acc = (correct.float() / n_tok.float()).cpu()
             lossc = plain.detach().float().cpu()
             g = x.grad.detach().float()

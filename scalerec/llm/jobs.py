@@ -217,12 +217,13 @@ class ShardFitter:
 
     def fit_shard(self, k: int, records: list[Record]) -> dict:
         from .fitting import fit_ar, fit_one_step
+        from .inputs import n_sink
 
         spec, lm = self.spec, self.lm
         t0 = time.perf_counter()
         rows: list[dict] = []
         todo: list[tuple[int, list[int]]] = []
-        extra = spec.n_mem if spec.mode == "ar" else 0
+        extra = (spec.n_mem if spec.mode == "ar" else 0) + n_sink(lm)
         base = {"mode": spec.mode, "model": lm.name, "shard": k}
         for j, rec in enumerate(records):
             row = {"id": rec.id, "text": rec.text, "source": rec.source, "status": "failed", "error": rec.error,

@@ -27,6 +27,7 @@ class LoadedLM:
     name: str
     device: torch.device
     dtype: torch.dtype
+    sink_id: int | None = None  # token placed in front of the fitted vectors (scalerec/llm/inputs.py); None: none
 
     @property
     def embedding(self) -> torch.nn.Embedding:
@@ -79,10 +80,12 @@ def resolve_model(spec: str, gguf_file: str | None = None) -> tuple[str, str | N
 
 
 def load_causal_lm(spec: str, gguf_file: str | None = None, dtype: str | torch.dtype | None = None,
-                   device: str | torch.device | None = None) -> LoadedLM:
+                   device: str | torch.device | None = None, sink: str | int | None = "bos") -> LoadedLM:
     """Load a causal LM frozen (``requires_grad_(False)``, eval mode).
 
     ``dtype`` defaults to bfloat16 on GPU and float32 on CPU; ``device`` defaults to CUDA when available.
+    ``sink``: the token in front of every fitted input (``"bos"``: the tokenizer's BOS, else its EOS; a token id;
+    ``None``: no sink — position 0 then holds a fitted vector, which the model largely ignores; see inputs.py).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -109,4 +112,15 @@ def load_causal_lm(spec: str, gguf_file: str | None = None, dtype: str | torch.d
     model.eval()
     model.requires_grad_(False)
     name = spec if not gguf else f"{Path(where).name}/{gguf}" if spec.lower() not in BUNDLED else spec.lower()
-    return LoadedLM(model=model, tokenizer=tok, name=name, device=dev, dtype=dt)
+    return LoadedLM(model=model, tokenizer=tok, name=name, device=dev, dtype=dt, sink_id=_sink_id(tok, sink))
+
+
+def _sink_id(tok, sink: str | int | None) -> int | None:
+    if sink is None or isinstance(sink, int):
+        return sink
+    if sink != "bos":
+        raise ValueError(f"unknown sink {sink!r}: 'bos', a token id, or None")
+    for tid in (tok.bos_token_id, tok.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    raise ValueError("the tokenizer has neither a BOS nor an EOS token: pass sink=<token id> or sink=None")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .fitting import FitConfig, _check_tokens, _init_vectors, _lr_at, padded_targets
+from .inputs import one_step_logits
 from .model import LoadedLM
 
 
@@ -60,8 +61,7 @@ def fit_shared_m(lm: LoadedLM, token_lists: list[list[int]], config: FitConfig |
         for g in opt.param_groups:
             g["lr"] = float(_lr_at(cfg, torch.tensor([s]))[0])
         x_e = e[idx.to(dev)].to(dt)
-        inputs = torch.cat([x_e, m.to(dt).view(1, 1, d).expand(len(idx), L - 1, d)], dim=1)
-        logits = lm.model(inputs_embeds=inputs).logits.float()
+        logits = one_step_logits(lm, x_e, m.to(dt).view(1, 1, d).expand(len(idx), 1, d), L).float()
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none",
                              ignore_index=-100).view(len(idx), L)
         mask = tgt != -100
