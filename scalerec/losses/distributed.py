@@ -137,12 +137,13 @@ def global_bucket_topk(table, directions: torch.Tensor, k: int, tile: int) -> to
 
 
 def dist_sce(hidden, table, targets, n_buckets=None, bucket_size_x=None, bucket_size_y=256, mix_x=False,
-             impl="cpp", tile=8192, generator=None):
+             impl="cpp", tile=8192, generator=None, sparse_grad=False):
     """SCE over a row-sharded table: the same directions on every rank (common random state), local top-b_y
     per bucket merged into the global top-b_y, candidate and positive rows fetched from their owners; then the
     single-process ``sce`` runs on the compact table of those rows with the same directions. The compact
     table holds every bucket's global top-b_y, so its top-b_y per bucket is the same set: the loss and the
-    gradients equal the single-process SCE on the whole table."""
+    gradients equal the single-process SCE on the whole table. (``sparse_grad`` is accepted for config parity:
+    the sharded table always receives row gradients of the touched rows only.)"""
     from scalerec.losses.sce import default_n_buckets, sce, sce_directions
 
     def compute(H, T, table, need_grad):
