@@ -135,20 +135,20 @@ def test_killed_job_resumes_without_refitting(tiny, tmp_path):
     assert not list(out.glob(".*tmp*"))
 
 
-# Known failure (2026-11-25): passage 2 at 8 tokens stays below accuracy 1.0 within the default 400-step
-# budget inside the job, so `all(accuracy == 1.0)` fails; run with `make test-llm` while the fitter is tuned.
-@pytest.mark.llm_long
 def test_job_and_decode_on_smollm2(lm, tmp_path):
-    """The real path: `scalerec encode` fits SmolLM2 inside a Ray worker; `scalerec decode` reproduces the texts."""
+    """The real path: `scalerec encode` fits SmolLM2 inside a Ray worker; `scalerec decode` reproduces the texts.
+
+    Passage 1 is the hard one: the GGUF tokenizer splits its "\\n\\n" into two "\\n" tokens."""
     from scalerec.cli import main
 
-    texts = [lm.decode_ids(passage_ids(lm, 8, i)) for i in (0, 2)]
+    texts = [lm.decode_ids(passage_ids(lm, 8, i)) for i in (0, 1, 2)]
+    assert "\n\n" in texts[1]
     inp = _write_jsonl(tmp_path / "in.jsonl", [json.dumps({"id": i, "text": t}) for i, t in enumerate(texts)])
     out = tmp_path / "out"
     assert main(["encode", "--model", "smollm2", "--input", str(inp), "--output", str(out), "--workers", "1",
                  "--threads", "1", "--no-progress", "--json"]) == 0
     rows = read_outputs(out)
-    assert [r["status"] for r in rows] == ["ok", "ok"] and all(r["accuracy"] == 1.0 for r in rows)
+    assert [r["status"] for r in rows] == ["ok"] * 3 and all(r["accuracy"] == 1.0 for r in rows)
     assert all(r["model"] == "smollm2" for r in rows)
     import io
     from contextlib import redirect_stdout
@@ -160,4 +160,4 @@ def test_job_and_decode_on_smollm2(lm, tmp_path):
     with redirect_stdout(buf):
         assert main(["decode", "--input", str(out), "--json"]) == 0
     summary = json.loads(buf.getvalue().strip().splitlines()[-1])
-    assert summary["decoded"] == 2 and summary["exact_match_tokens"] == 1.0
+    assert summary["decoded"] == 3 and summary["exact_match_tokens"] == 1.0

@@ -50,7 +50,6 @@ class FitConfig:
     ce_floor: float = 0.0            # per-token loss max(CE - ce_floor, 0): tokens already predicted with
                                      # confidence stop pulling, the gradient goes to the ones still wrong
     restart_patience: int | None = None  # re-initialise a text whose best accuracy has not improved for this many steps
-    wrong_weight: float = 1.0        # per-token loss weight of the tokens whose argmax is wrong (the others weigh 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -185,14 +184,11 @@ def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, 
         mask = tgt != -100
         n_tok = mask.sum(1)
         lossc_tok = ce if cfg.ce_floor <= 0 else torch.clamp(ce - cfg.ce_floor, min=0.0)
-        wrong = logits.detach().argmax(-1) != tgt
-        if cfg.wrong_weight != 1.0:
-            lossc_tok = lossc_tok * torch.where(wrong, cfg.wrong_weight, 1.0)
         loss_per = (lossc_tok * mask).sum(1) / n_tok
         plain = (ce * mask).sum(1) / n_tok
         loss_per.sum().backward()
         with torch.no_grad():
-            correct = (~wrong & mask).sum(1)
+            correct = ((logits.argmax(-1) == tgt) & mask).sum(1)
             acc = (correct.float() / n_tok.float()).cpu()
             lossc = plain.detach().float().cpu()
             g = x.grad.detach().float()
