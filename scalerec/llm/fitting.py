@@ -49,7 +49,7 @@ class FitConfig:
     target_accuracy: float = 1.0
     ce_floor: float = 0.0            # per-token loss max(CE - ce_floor, 0): tokens already predicted with
                                      # confidence stop pulling, the gradient goes to the ones still wrong
-    restart_patience: int | None = None  # re-initialise a text whose best accuracy has not improved for this many steps
+    restart_patience: int | None = 100   # re-initialise a text whose best accuracy has not improved for this many steps
 
     def to_dict(self) -> dict:
         return asdict(self)
