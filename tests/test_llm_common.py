@@ -20,7 +20,8 @@ def smollm2():
     if "lm" not in _CACHE:
         import torch
 
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        # OMP_NUM_THREADS when set (make test sets 2); 2 threads on a busy machine wait on each other
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
         from scalerec.llm import load_causal_lm
 
         _CACHE["lm"] = load_causal_lm("smollm2", dtype="float32", device="cpu")
