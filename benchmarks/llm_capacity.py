@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared-corpus", type=int, default=16, help="texts the shared m is fitted on (other passages)")
     ap.add_argument("--shared-steps", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ray-texts", type=int, default=None, help="texts of the Ray scaling job (default 8; quick 4)")
+    ap.add_argument("--ray-steps", type=int, default=None, help="fixed steps per text in the Ray job (default 40)")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             figures["mean_steps_16_tokens"] = mean_steps
     if "ray" in sections:
         del lm
-        figures["ray"] = ray_scaling(args.model, 4 if args.quick else 8, 8, 5 if args.quick else 40, log=log)
+        figures["ray"] = ray_scaling(args.model, args.ray_texts or (4 if args.quick else 8), 8,
+                                     args.ray_steps or (5 if args.quick else 40), log=log)
     figures["seconds"] = round(time.perf_counter() - t_all, 1)
     figures["load_average_end"] = os.getloadavg()
     figures["fit_config"] = cfg.to_dict()
