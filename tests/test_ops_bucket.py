@@ -32,6 +32,21 @@ def test_topk_ties_prefer_smaller_row_and_k_equals_rows():
     assert v.tolist() == [[2.0, 2.0, 2.0, 1.0, 0.5]]
 
 
+@pytest.mark.parametrize("tile", [40, 333, 5000])
+def test_topk_many_ties_through_the_blocked_scan(tile):
+    # integer scores from a small range: thousands of ties, across tiles and inside the 32-score blocks that the
+    # scan tests at once; the result must be the top-k by (score desc, row id asc) exactly
+    g = _gen(2)
+    table = torch.randint(-3, 4, (5000, 3), generator=g).double()
+    dirs = torch.randint(-2, 3, (6, 3), generator=g).double()
+    v, i = bucket_topk(dirs, table, 70, row_start=1, tile=tile)
+    scores = dirs @ table[1:].t()
+    for b in range(dirs.size(0)):
+        order = sorted(range(scores.size(1)), key=lambda j: (-scores[b, j].item(), j))[:70]
+        assert i[b].tolist() == [j + 1 for j in order]
+        assert v[b].tolist() == [scores[b, j].item() for j in order]
+
+
 def test_topk_float32_multi_tile():
     g = _gen(1)
     dirs, table = torch.randn(33, 16, generator=g), torch.randn(20000, 16, generator=g)

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../ce_common.h"
+#include "zeros_huge.h"
 
 namespace scalerec {
 
@@ -43,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_ce_cpu(const at::Tensor& h
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto hidden = hidden_.contiguous(), table = table_.contiguous(), targets = targets_.contiguous();
   auto x_ids = x_ids_.contiguous(), y_ids = y_ids_.contiguous();
-  const int64_t N = hidden.size(0), B = x_ids.size(0), bx = x_ids.size(1), by = y_ids.size(1);
+  const int64_t N = hidden.size(0), B = x_ids.size(0), bx = x_ids.size(1);
   auto pos = (hidden * table.index_select(0, targets)).sum(1);
   auto b_loss = at::empty({B, bx}, hidden.options());
   auto b_lse = at::empty({B, bx}, hidden.options());
@@ -106,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> bucket_ce_backward_cpu(const at::Tensor& grad
   auto g = grad_loss_.to(hidden.scalar_type()).masked_fill(arg < 0, 0).contiguous();
   const int64_t d = hidden.size(1), B = x_ids.size(0), bx = x_ids.size(1), by = y_ids.size(1);
   auto grad_hidden = at::zeros_like(hidden);
-  auto grad_table = at::zeros_like(table);
+  auto grad_table = cpu::zeros_like_huge(table);
   // compact row space of the touched table rows: y_ids[b, j] -> inv[b, j] in [0, U)
   auto uniq_inv = at::_unique(y_ids.reshape({-1}), /*sorted=*/true, /*return_inverse=*/true);
   auto uniq = std::get<0>(uniq_inv);

@@ -80,7 +80,21 @@ std::tuple<at::Tensor, at::Tensor> bucket_topk_cpu(const at::Tensor& dirs_, cons
           if (j == cn) continue;
           // Heap full: within a task rows arrive in increasing id order, so a score equal to the worst kept one
           // never ranks before it, and a strict comparison against the threshold suffices.
+          // Most scores lose: test a block of kBlock at once (a branch-free OR of comparisons, which the compiler
+          // vectorises) and walk it one by one only when some score beats the threshold.
+          constexpr int64_t kBlock = 32;
           scalar_t thr = h.heap.front().val;
+          for (; j + kBlock <= cn; j += kBlock) {
+            int any = 0;  // an int, not a bool: GCC vectorises the int OR-reduction, not the bool one
+            for (int64_t u = 0; u < kBlock; ++u) any |= (row[j + u] > thr) ? 1 : 0;
+            if (!any) continue;
+            for (int64_t u = j; u < j + kBlock; ++u) {
+              if (row[u] > thr) {
+                h.offer(row[u], c0 + u);
+                thr = h.heap.front().val;
+              }
+            }
+          }
           for (; j < cn; ++j) {
             if (row[j] > thr) {
               h.offer(row[j], c0 + j);

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../ce_common.h"
+#include "zeros_huge.h"
 
 namespace scalerec {
 
@@ -169,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_ce_backward_cpu(const at::Tensor& grad_
   auto lse = lse_.to(hidden.scalar_type()).contiguous();
   const int64_t d = hidden.size(1), period = 2 * n_extra + 1;
   auto grad_hidden = at::zeros_like(hidden);
-  auto grad_table = at::zeros_like(table);
+  auto grad_table = cpu::zeros_like_huge(table);
   AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "chunk_ce_backward_cpu", [&] {
     const int64_t* tp = targets.data_ptr<int64_t>();
     const int64_t* xp = x_chunks.data_ptr<int64_t>();

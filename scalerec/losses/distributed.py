@@ -137,7 +137,7 @@ def global_bucket_topk(table, directions: torch.Tensor, k: int, tile: int) -> to
 
 
 def dist_sce(hidden, table, targets, n_buckets=None, bucket_size_x=None, bucket_size_y=256, mix_x=False,
-             impl="cpp", tile=8192, generator=None, sparse_grad=False):
+             impl="cpp", tile=4096, generator=None, sparse_grad=False):
     """SCE over a row-sharded table: the same directions on every rank (common random state), local top-b_y
     per bucket merged into the global top-b_y, candidate and positive rows fetched from their owners; then the
     single-process ``sce`` runs on the compact table of those rows with the same directions. The compact

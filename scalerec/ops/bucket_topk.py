@@ -12,7 +12,7 @@ from scalerec.ops._lib import load_extension
 
 load_extension()
 
-DEFAULT_TILE = 8192
+DEFAULT_TILE = 4096
 
 
 @torch.library.register_fake("scalerec::bucket_topk")
