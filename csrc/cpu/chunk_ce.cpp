@@ -21,7 +21,6 @@
 #include <vector>
 
 #include "../ce_common.h"
-#include "zeros_huge.h"
 
 namespace scalerec {
 
@@ -69,11 +68,13 @@ ChunkPlan make_plan(const at::Tensor& hidden, const at::Tensor& table, const at:
 }
 
 // The logits of chunk k of round r against its window, duplicates corrected, positive and pads masked.
-// Fills q_rows (the chunk's query rows) and w_rows (the window's table rows); returns [q, w].
+// Fills q_rows (the chunk's query rows) and w_rows (the window's table rows, only those in [row_lo, row_hi));
+// returns [q, w].
 template <typename scalar_t>
 at::Tensor chunk_logits(const ChunkPlan& p, const at::Tensor& hidden, const at::Tensor& table,
                         const int64_t* targets, const int64_t* x_chunks, const int64_t* y_chunks, int64_t r, int64_t k,
-                        std::vector<int64_t>& q_rows, std::vector<int64_t>& w_rows, at::Tensor& xq, at::Tensor& ww) {
+                        std::vector<int64_t>& q_rows, std::vector<int64_t>& w_rows, at::Tensor& xq, at::Tensor& ww,
+                        int64_t row_lo = 0, int64_t row_hi = std::numeric_limits<int64_t>::max()) {
   q_rows.clear();
   w_rows.clear();
   const int64_t* xs = x_chunks + (r * p.K + k) * p.cx;
@@ -83,7 +84,7 @@ at::Tensor chunk_logits(const ChunkPlan& p, const at::Tensor& hidden, const at::
   for (int64_t kk = k0; kk <= k1; ++kk) {
     const int64_t* ys = y_chunks + (r * p.K + kk) * p.cy;
     for (int64_t j = 0; j < p.cy; ++j)
-      if (ys[j] >= 0) w_rows.push_back(ys[j]);
+      if (ys[j] >= row_lo && ys[j] < row_hi) w_rows.push_back(ys[j]);  // pads (-1) fall below any row_lo >= 0
   }
   const int64_t nq = q_rows.size(), nw = w_rows.size();
   if (nq == 0) return at::Tensor();
@@ -156,27 +157,34 @@ std::tuple<at::Tensor, at::Tensor> chunk_ce_cpu(const at::Tensor& hidden_, const
   return {(lse - pos).to(hidden.scalar_type()), lse.to(hidden.scalar_type())};
 }
 
-std::tuple<at::Tensor, at::Tensor> chunk_ce_backward_cpu(const at::Tensor& grad_loss_, const at::Tensor& hidden_,
-                                                         const at::Tensor& table_, const at::Tensor& targets_,
-                                                         const at::Tensor& x_chunks_, const at::Tensor& y_chunks_,
-                                                         int64_t n_extra, const at::Tensor& lse_) {
+// The backward restricted to the table rows [row_lo, row_hi): grad_hidden gets the terms of those rows only and
+// grad_rows [row_hi - row_lo, d] their gradient. The probabilities come from the saved lse, so the terms of one
+// row never depend on the values of the others: summed over a partition of the rows, the passes give exactly
+// the full backward (and a caller may update the rows of one pass before running the next).
+static std::tuple<at::Tensor, at::Tensor> chunk_backward_range(const at::Tensor& grad_loss_, const at::Tensor& hidden_,
+                                                               const at::Tensor& table_, const at::Tensor& targets_,
+                                                               const at::Tensor& x_chunks_, const at::Tensor& y_chunks_,
+                                                               int64_t n_extra, const at::Tensor& lse_, int64_t row_lo,
+                                                               int64_t row_hi) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto hidden = hidden_.contiguous(), table = table_.contiguous(), targets = targets_.contiguous();
   auto x_chunks = x_chunks_.contiguous(), y_chunks = y_chunks_.contiguous();
   const ChunkPlan p = make_plan(hidden, table, targets, x_chunks, y_chunks, n_extra);
   TORCH_CHECK(grad_loss_.dim() == 1 && grad_loss_.size(0) == p.N && lse_.dim() == 1 && lse_.size(0) == p.N,
               "chunk_ce_backward: grad and lse must be [N]=[", p.N, "]");
+  TORCH_CHECK(0 <= row_lo && row_lo <= row_hi && row_hi <= p.C, "chunk_ce_backward_rows: the row range [", row_lo,
+              ", ", row_hi, ") must lie in [0, C=", p.C, "]");
   auto g = grad_loss_.to(hidden.scalar_type()).contiguous();
   auto lse = lse_.to(hidden.scalar_type()).contiguous();
   const int64_t d = hidden.size(1), period = 2 * n_extra + 1;
   auto grad_hidden = at::zeros_like(hidden);
-  auto grad_table = cpu::zeros_like_huge(table);
+  auto grad_rows = at::zeros({row_hi - row_lo, d}, table.options());
   AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "chunk_ce_backward_cpu", [&] {
     const int64_t* tp = targets.data_ptr<int64_t>();
     const int64_t* xp = x_chunks.data_ptr<int64_t>();
     const int64_t* yp = y_chunks.data_ptr<int64_t>();
     scalar_t* ghp = grad_hidden.data_ptr<scalar_t>();
-    scalar_t* gtp = grad_table.data_ptr<scalar_t>();
+    scalar_t* gtp = grad_rows.data_ptr<scalar_t>();
     for (int64_t r = 0; r < p.R; ++r)
       for (int64_t phase = 0; phase < period; ++phase) {
         const int64_t n_here = (p.K - phase + period - 1) / period;  // chunks phase, phase + period, ...
@@ -186,7 +194,8 @@ std::tuple<at::Tensor, at::Tensor> chunk_ce_backward_cpu(const at::Tensor& grad_
           at::Tensor xq, ww;
           for (int64_t c = c0; c < c1; ++c) {
             const int64_t k = phase + c * period;
-            auto prob = chunk_logits<scalar_t>(p, hidden, table, tp, xp, yp, r, k, q_rows, w_rows, xq, ww);
+            auto prob =
+                chunk_logits<scalar_t>(p, hidden, table, tp, xp, yp, r, k, q_rows, w_rows, xq, ww, row_lo, row_hi);
             if (!prob.defined() || w_rows.empty()) continue;
             auto rows = at::from_blob(q_rows.data(), {(int64_t)q_rows.size()}, at::kLong);
             prob.sub_(lse.index_select(0, rows).unsqueeze(1)).exp_().mul_(g.index_select(0, rows).unsqueeze(1));
@@ -199,15 +208,42 @@ std::tuple<at::Tensor, at::Tensor> chunk_ce_backward_cpu(const at::Tensor& grad_
               for (int64_t j = 0; j < d; ++j) dst[j] += ghs[i * d + j];
             }
             for (size_t i = 0; i < w_rows.size(); ++i) {
-              scalar_t* dst = gtp + w_rows[i] * d;
+              scalar_t* dst = gtp + (w_rows[i] - row_lo) * d;
               for (int64_t j = 0; j < d; ++j) dst[j] += gws[i * d + j];
             }
           }
         });
       }
   });
-  ce::add_positive_grad(grad_hidden, grad_table, hidden, table, targets, lse, g, /*positive_in_lse=*/true);
-  return {grad_hidden, grad_table};
+  // the positive's own term, for the queries whose target lies in the range (each target is in exactly one range)
+  if (row_lo == 0 && row_hi == p.C) {
+    ce::add_positive_grad(grad_hidden, grad_rows, hidden, table, targets, lse, g, /*positive_in_lse=*/true);
+  } else {
+    auto sel = at::nonzero((targets >= row_lo).logical_and_(targets < row_hi)).squeeze(1);
+    if (sel.numel() > 0) {
+      auto gh_sel = at::zeros({sel.size(0), d}, hidden.options());
+      ce::add_positive_grad(gh_sel, grad_rows, hidden.index_select(0, sel), table.narrow(0, row_lo, row_hi - row_lo),
+                            targets.index_select(0, sel) - row_lo, lse.index_select(0, sel), g.index_select(0, sel),
+                            /*positive_in_lse=*/true);
+      grad_hidden.index_add_(0, sel, gh_sel);
+    }
+  }
+  return {grad_hidden, grad_rows};
+}
+
+std::tuple<at::Tensor, at::Tensor> chunk_ce_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& hidden,
+                                                         const at::Tensor& table, const at::Tensor& targets,
+                                                         const at::Tensor& x_chunks, const at::Tensor& y_chunks,
+                                                         int64_t n_extra, const at::Tensor& lse) {
+  return chunk_backward_range(grad_loss, hidden, table, targets, x_chunks, y_chunks, n_extra, lse, 0, table.size(0));
+}
+
+std::tuple<at::Tensor, at::Tensor> chunk_ce_backward_rows_cpu(const at::Tensor& grad_loss, const at::Tensor& hidden,
+                                                              const at::Tensor& table, const at::Tensor& targets,
+                                                              const at::Tensor& x_chunks, const at::Tensor& y_chunks,
+                                                              int64_t n_extra, const at::Tensor& lse, int64_t row_start,
+                                                              int64_t row_end) {
+  return chunk_backward_range(grad_loss, hidden, table, targets, x_chunks, y_chunks, n_extra, lse, row_start, row_end);
 }
 
 TORCH_LIBRARY_FRAGMENT(scalerec, m) {
@@ -217,11 +253,15 @@ TORCH_LIBRARY_FRAGMENT(scalerec, m) {
   m.def(
       "chunk_ce_backward(Tensor grad_loss, Tensor hidden, Tensor table, Tensor targets, Tensor x_chunks, "
       "Tensor y_chunks, int n_extra, Tensor lse) -> (Tensor, Tensor)");
+  m.def(
+      "chunk_ce_backward_rows(Tensor grad_loss, Tensor hidden, Tensor table, Tensor targets, Tensor x_chunks, "
+      "Tensor y_chunks, int n_extra, Tensor lse, int row_start, int row_end) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(scalerec, CPU, m) {
   m.impl("chunk_ce", &chunk_ce_cpu);
   m.impl("chunk_ce_backward", &chunk_ce_backward_cpu);
+  m.impl("chunk_ce_backward_rows", &chunk_ce_backward_rows_cpu);
 }
 
 }  // namespace scalerec

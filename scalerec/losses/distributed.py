@@ -205,13 +205,16 @@ def _item_chunks(table, directions_r: torch.Tensor, cy: int, tile: int) -> torch
 
 
 def dist_rece(hidden, table, targets, n_buckets=None, n_extra_chunks=1, rounds=1, impl="cpp", tile=65536,
-              generator=None):
+              generator=None, fused_update=None, rows_per_pass=1 << 20):
     """RECE over a row-sharded table. Queries are all-gathered and chunked identically on every rank; each
     rank scores every query chunk against the rows it owns in that chunk's item neighbourhood (union over
     rounds: the single-process -log(count) correction makes a duplicate count once), a per-query partial
     (max, sum-exp) is all-reduced as in ``ce``. Equal to the single-process RECE with the ``block`` layout."""
     from scalerec.losses.rece import default_n_buckets
 
+    if fused_update is not None:
+        raise ValueError("rece: fused_update is for a single-process dense table; the row-sharded table has its own "
+                         "row-sparse optimizer (scaleout.table.optimizer)")
     n_ec = int(n_extra_chunks)
     if n_ec < 0:
         raise ValueError(f"rece: n_extra_chunks must be >= 0, got {n_extra_chunks}")

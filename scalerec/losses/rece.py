@@ -17,7 +17,7 @@ import math
 import torch
 
 from scalerec.losses.registry import register_loss
-from scalerec.ops.chunk_ce import bucket_argmax, chunk_ce, chunk_ce_reference
+from scalerec.ops.chunk_ce import bucket_argmax, chunk_ce, chunk_ce_fused, chunk_ce_reference
 
 _IMPLS = ("cpp", "reference")
 
@@ -57,10 +57,17 @@ def rece(
     tile: int = 65536,
     generator: torch.Generator | None = None,
     directions: torch.Tensor | None = None,
+    fused_update=None,
+    rows_per_pass: int = 1 << 20,
 ) -> torch.Tensor:
     """RECE loss of ``hidden [N, d]`` against ``table [C+1, d]`` (row 0 = padding, never a candidate).
 
     ``directions`` (``[rounds, n_buckets, d]``) overrides the random draw made with ``generator``.
+
+    ``fused_update`` (e.g. ``scalerec.ops.row_update.RowwiseAdagrad(C + 1, lr)``): the backward updates the
+    table in place, ``rows_per_pass`` rows at a time, and gives it no gradient — RECE's exact table gradient
+    is dense (every item sits in some chunk), so for 10^7+ items this is how it stays within a few hundred MB
+    beyond the table (``benchmarks/loss_memory.py``, ``rece_cpp_fused``). C++ path, CPU only.
     """
     if impl not in _IMPLS:
         raise ValueError(f"rece: impl must be one of {_IMPLS}, got {impl!r}")
@@ -77,13 +84,19 @@ def rece(
     elif directions.dim() != 3 or directions.size(2) != d:
         raise ValueError(f"rece: directions must be [rounds, n_buckets, d={d}], got {tuple(directions.shape)}")
     x_chunks, y_chunks = rece_chunks(hidden, table, directions.detach().to(hidden.dtype), tile=tile)
+    if fused_update is not None:
+        if impl != "cpp":
+            raise ValueError("rece: fused_update needs impl='cpp'")
+        return chunk_ce_fused(hidden, table, targets, x_chunks, y_chunks, int(n_extra_chunks), fused_update,
+                              rows_per_pass).mean()
     fn = chunk_ce if impl == "cpp" else chunk_ce_reference
     return fn(hidden, table, targets, x_chunks, y_chunks, int(n_extra_chunks)).mean()
 
 
 @register_loss(
     "rece",
-    defaults={"n_buckets": None, "n_extra_chunks": 1, "rounds": 1, "impl": "cpp", "tile": 65536, "generator": None},
+    defaults={"n_buckets": None, "n_extra_chunks": 1, "rounds": 1, "impl": "cpp", "tile": 65536, "generator": None,
+              "fused_update": None, "rows_per_pass": 1 << 20},
 )
 def rece_loss(hidden, table, targets, **params):
     """RECE: CE over the chunk neighbourhoods of LSH-like buckets; n_buckets = sqrt(4·min(N,C)·(1+2·n_ec))."""

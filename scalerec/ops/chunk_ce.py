@@ -57,6 +57,68 @@ def chunk_ce(
     return loss
 
 
+@torch.library.register_fake("scalerec::chunk_ce_backward_rows")
+def _chunk_ce_backward_rows_fake(grad_loss, hidden, table, targets, x_chunks, y_chunks, n_extra, lse, row_start,
+                                 row_end):
+    return torch.empty_like(hidden), table.new_empty((row_end - row_start, table.shape[1]))
+
+
+class _ChunkCEFused(torch.autograd.Function):
+    """chunk_ce whose backward updates the table in place, ``rows_per_pass`` rows at a time, instead of
+    returning its gradient (see ``chunk_ce_fused``)."""
+
+    @staticmethod
+    def forward(ctx, hidden, table, targets, x_chunks, y_chunks, n_extra, update, rows_per_pass):
+        loss, lse = torch.ops.scalerec.chunk_ce(hidden, table, targets, x_chunks, y_chunks, int(n_extra))
+        ctx.save_for_backward(hidden, targets, x_chunks, y_chunks, lse)
+        ctx.table, ctx.n_extra, ctx.update, ctx.rows_per_pass = table, int(n_extra), update, int(rows_per_pass)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, targets, x_chunks, y_chunks, lse = ctx.saved_tensors
+        table = ctx.table.detach()  # updated in place below: not saved through autograd, whose version check would fire
+        C = table.size(0)
+        grad_hidden = None
+        # every range's gradient is computed from the pre-update values of its own rows and the saved lse, so
+        # updating the rows of one range before computing the next equals computing the whole gradient first
+        for start in range(0, C, ctx.rows_per_pass):
+            end = min(C, start + ctx.rows_per_pass)
+            gh, g_rows = torch.ops.scalerec.chunk_ce_backward_rows(
+                grad_loss.contiguous(), hidden.detach(), table, targets, x_chunks, y_chunks, ctx.n_extra, lse, start, end
+            )
+            grad_hidden = gh if grad_hidden is None else grad_hidden.add_(gh)
+            with torch.no_grad():
+                ctx.update(table, start, g_rows)
+            del g_rows
+        return grad_hidden, None, None, None, None, None, None, None
+
+
+def chunk_ce_fused(hidden, table, targets, x_chunks, y_chunks, n_extra: int, update,
+                   rows_per_pass: int = 1 << 20) -> torch.Tensor:
+    """Per-query RECE loss ``[N]`` whose backward applies ``update(table, row_start, grad_rows)`` (e.g.
+    ``scalerec.ops.row_update.RowwiseAdagrad``) to ``rows_per_pass`` table rows at a time and gives the table no
+    gradient: the dense ``[C, d]`` table gradient is never held (only one ``[rows_per_pass, d]`` block).
+    ``hidden`` gets its ordinary gradient. CPU only. Call backward once per forward (the update is applied
+    as the backward runs)."""
+    if table.device.type != "cpu":
+        raise NotImplementedError("chunk_ce_fused: the fused table update has a CPU kernel only; on "
+                                  f"{table.device.type} use chunk_ce (dense table gradient)")
+    if not callable(update):
+        raise TypeError(f"chunk_ce_fused: update must be callable(table, row_start, grad_rows), got {update!r}")
+    if rows_per_pass <= 0:
+        raise ValueError(f"chunk_ce_fused: rows_per_pass must be positive, got {rows_per_pass}")
+    return _ChunkCEFused.apply(hidden, table, targets, x_chunks, y_chunks, int(n_extra), update, int(rows_per_pass))
+
+
+def chunk_ce_backward_rows(grad_loss, hidden, table, targets, x_chunks, y_chunks, n_extra, lse, row_start, row_end):
+    """The chunk_ce backward restricted to table rows ``[row_start, row_end)``: ``(grad_hidden [N, d] — the
+    terms of those rows only, grad_rows [row_end - row_start, d])``; summed over a partition of the rows it is
+    the full backward."""
+    return torch.ops.scalerec.chunk_ce_backward_rows(grad_loss, hidden, table, targets, x_chunks, y_chunks,
+                                                     int(n_extra), lse, int(row_start), int(row_end))
+
+
 def chunk_windows(y_chunks: torch.Tensor, n_extra: int) -> torch.Tensor:
     """``[R, K, (2 n_extra + 1) cy]``: the item ids each query chunk is scored against (-1 = padding)."""
     R, K, cy = y_chunks.shape
