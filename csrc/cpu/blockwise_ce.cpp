@@ -16,7 +16,6 @@
 #include <vector>
 
 #include "../ce_common.h"
-#include "zeros_huge.h"
 
 namespace scalerec {
 
@@ -64,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> blockwise_ce_backward_cpu(const at::Tensor& g
   auto g = grad_loss_.to(hidden.scalar_type()).contiguous();
   auto lse = lse_.to(hidden.scalar_type()).contiguous();
   const int64_t N = hidden.size(0), C = table.size(0), d = hidden.size(1);
-  auto grad_table = cpu::zeros_like_huge(table);
+  auto grad_table = at::zeros_like(table);
   auto classes = table.narrow(0, row_start, C - row_start);
   auto grad_classes = grad_table.narrow(0, row_start, C - row_start);
   const int64_t n_tiles = (classes.size(0) + tile - 1) / tile;

@@ -19,7 +19,6 @@
 #include <vector>
 
 #include "../ce_common.h"
-#include "zeros_huge.h"
 
 namespace scalerec {
 
@@ -107,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> bucket_ce_backward_cpu(const at::Tensor& grad
   auto g = grad_loss_.to(hidden.scalar_type()).masked_fill(arg < 0, 0).contiguous();
   const int64_t d = hidden.size(1), B = x_ids.size(0), bx = x_ids.size(1), by = y_ids.size(1);
   auto grad_hidden = at::zeros_like(hidden);
-  auto grad_table = cpu::zeros_like_huge(table);
+  auto grad_table = at::zeros_like(table);
   // compact row space of the touched table rows: y_ids[b, j] -> inv[b, j] in [0, U)
   auto uniq_inv = at::_unique(y_ids.reshape({-1}), /*sorted=*/true, /*return_inverse=*/true);
   auto uniq = std::get<0>(uniq_inv);
