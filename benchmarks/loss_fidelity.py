@@ -76,6 +76,27 @@ def loss_and_grads(name, params, H, Y, table, seed):
     return out
 
 
+def parse_settings(text: str) -> list[tuple[str, dict]]:
+    """``"rece:n_buckets=64,rounds=2;sce"`` -> ``[("rece", {"n_buckets": 64, "rounds": 2}), ("sce", {})]``."""
+    from scalerec.losses import get_loss
+
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        name, _, rest = item.partition(":")
+        params = {}
+        for kv in filter(None, (t.strip() for t in rest.split(","))):
+            key, eq, value = kv.partition("=")
+            if not eq:
+                raise SystemExit(f"--settings: {kv!r} in {item!r} is not key=value")
+            try:
+                params[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                params[key.strip()] = value.strip()
+        get_loss(name.strip(), **params)  # unknown loss or parameter: the registry's own clear error
+        out.append((name.strip(), params))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="a scalerec checkpoint (best.pt / checkpoint.pt)")
@@ -84,7 +105,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="1 batch, 4 settings")
+    ap.add_argument("--settings", default=None,
+                    help="settings to compare instead of the built-in list, ';'-separated, each LOSS or "
+                         "LOSS:key=value,key=value (e.g. 'rece:n_buckets=64,rounds=2;sce:bucket_size_y=512')")
     args = ap.parse_args(argv)
+    settings = parse_settings(args.settings) if args.settings else (QUICK if args.quick else SETTINGS)
     torch.set_num_threads(args.threads)
     n_batches = 1 if args.quick else args.batches
     H, Y, table, data = query_states(args.checkpoint, n_batches, args.batch_size, args.seed)
@@ -94,7 +119,7 @@ def main(argv=None) -> int:
     print(f"data {data}, {n_batches} batches of {args.batch_size} sequences ({sum(len(y) for y in Y)} query rows), "
           f"exact CE loss {np.mean([r[0] for r in ref]):.3f}", file=sys.stderr)
     print("| loss | params | loss/ce | cos gH | cos gT |\n|---|---|---|---|---|", file=sys.stderr)
-    for name, params in QUICK if args.quick else SETTINGS:
+    for name, params in settings:
         g = loss_and_grads(name, params, H, Y, table, args.seed)
         row = {"loss": name, "params": params,
                "loss_over_ce": float(np.mean([a[0] / r[0] for a, r in zip(g, ref)])),
