@@ -171,6 +171,8 @@ def test_fused_update_errors():
     hidden, table, targets = torch.randn(8, 4), torch.randn(20, 4), torch.randint(1, 20, (8,))
     with pytest.raises(ValueError, match="lr must be positive"):
         RowSGD(0.0)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        RowwiseAdagrad(10, 0.1, eps=0.0)
     with pytest.raises(ValueError, match="num_rows must be positive"):
         RowwiseAdagrad(0, 0.1)
     with pytest.raises(ValueError, match="needs impl='cpp'"):
@@ -179,5 +181,6 @@ def test_fused_update_errors():
         rece(hidden, table, targets, fused_update=RowSGD(0.1), rows_per_pass=0)
     with pytest.raises(TypeError, match="update must be callable"):
         rece(hidden, table, targets, fused_update=3)
+    loss = rece(hidden.requires_grad_(), table, targets, fused_update=RowwiseAdagrad(10, 0.1))
     with pytest.raises(ValueError, match="state was made for 10 rows"):
-        rece(hidden.requires_grad_(), table, targets, fused_update=RowwiseAdagrad(10, 0.1)).backward()
+        loss.backward()

@@ -205,7 +205,7 @@ def _item_chunks(table, directions_r: torch.Tensor, cy: int, tile: int) -> torch
 
 
 def dist_rece(hidden, table, targets, n_buckets=None, n_extra_chunks=1, rounds=1, impl="cpp", tile=65536,
-              generator=None, fused_update=None, rows_per_pass=1 << 20):
+              generator=None, fused_update=None, rows_per_pass=1 << 18):
     """RECE over a row-sharded table. Queries are all-gathered and chunked identically on every rank; each
     rank scores every query chunk against the rows it owns in that chunk's item neighbourhood (union over
     rounds: the single-process -log(count) correction makes a duplicate count once), a per-query partial

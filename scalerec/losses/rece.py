@@ -58,7 +58,7 @@ def rece(
     generator: torch.Generator | None = None,
     directions: torch.Tensor | None = None,
     fused_update=None,
-    rows_per_pass: int = 1 << 20,
+    rows_per_pass: int = 1 << 18,
 ) -> torch.Tensor:
     """RECE loss of ``hidden [N, d]`` against ``table [C+1, d]`` (row 0 = padding, never a candidate).
 
@@ -96,7 +96,7 @@ def rece(
 @register_loss(
     "rece",
     defaults={"n_buckets": None, "n_extra_chunks": 1, "rounds": 1, "impl": "cpp", "tile": 65536, "generator": None,
-              "fused_update": None, "rows_per_pass": 1 << 20},
+              "fused_update": None, "rows_per_pass": 1 << 18},
 )
 def rece_loss(hidden, table, targets, **params):
     """RECE: CE over the chunk neighbourhoods of LSH-like buckets; n_buckets = sqrt(4·min(N,C)·(1+2·n_ec))."""

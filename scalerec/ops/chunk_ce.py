@@ -95,7 +95,7 @@ class _ChunkCEFused(torch.autograd.Function):
 
 
 def chunk_ce_fused(hidden, table, targets, x_chunks, y_chunks, n_extra: int, update,
-                   rows_per_pass: int = 1 << 20) -> torch.Tensor:
+                   rows_per_pass: int = 1 << 18) -> torch.Tensor:
     """Per-query RECE loss ``[N]`` whose backward applies ``update(table, row_start, grad_rows)`` (e.g.
     ``scalerec.ops.row_update.RowwiseAdagrad``) to ``rows_per_pass`` table rows at a time and gives the table no
     gradient: the dense ``[C, d]`` table gradient is never held (only one ``[rows_per_pass, d]`` block).
