@@ -58,7 +58,8 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
         wall = time.perf_counter() - t0
         per_len[n] = {"texts": len(toks), "exact": sum(r.accuracy == 1.0 for r in res),
                       "accuracy": [round(r.accuracy, 4) for r in res], "steps": [r.steps for r in res],
-                      "seconds": [round(r.seconds, 1) for r in res], "wall_seconds": round(wall, 1)}
+                      "seconds": [round(r.seconds, 1) for r in res], "restarts": [r.restarts for r in res],
+                      "wall_seconds": round(wall, 1)}
         log(f"[{mode}] N={n}: {per_len[n]}")
         nxt = []
         for i, r in zip(alive, res):
