@@ -232,6 +232,7 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
     before = evaluate(model, eval_batches()) if s.task == "shakespeare" else None
     rss_loaded = peak_rss_mb()
     model, opt, info = setup_method(s, model, calib_it)
+    info["rss_after_setup_mb"] = peak_rss_mb()  # peak so far: load + the method's set-up (SparseGrad: calibration)
     model.train()
     from tqdm.auto import tqdm
 
@@ -254,6 +255,8 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
     bar.close()
     elapsed = time.perf_counter() - t_start if t_start is not None else float("nan")
     rss_train = peak_rss_mb()
+    # entries with Adam moments on the rotated weights (SparseGrad/MeProp): the union of the selected entries
+    info["sparse_state_entries"] = sum(int(st["idx"].numel()) for st in opt.state.values() if "idx" in st)
     timed = s.steps - warm
     after = evaluate(model, eval_batches())
     res = {
