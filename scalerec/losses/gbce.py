@@ -19,6 +19,8 @@ def gbce_loss(hidden, table, targets, num_negatives=256, t=0.75):
     """BCE over the positive and k uniform negatives, where σ(s_pos) is replaced by σ(s_pos)^β.
 
     The positive's logit becomes s' = -log(σ(s)^-β - 1) so that σ(s') = σ(s)^β, computed stably in log space.
+    A sampled negative equal to the query's positive is dropped (β assumes negatives drawn from the C − 1 other
+    items); the loss is the mean over the remaining terms.
     """
     if num_negatives <= 0:
         raise ValueError(f"gbce: num_negatives must be positive, got {num_negatives}")
@@ -33,4 +35,7 @@ def gbce_loss(hidden, table, targets, num_negatives=256, t=0.75):
     logits = torch.cat([pos_adj.to(logits.dtype), logits[:, 1:]], dim=1)
     labels = torch.zeros_like(logits)
     labels[:, 0] = 1.0
-    return F.binary_cross_entropy_with_logits(logits, labels)
+    keep = torch.ones_like(logits)
+    keep[:, 1:] = (neg_ids != targets.unsqueeze(1)).to(logits.dtype)
+    terms = F.binary_cross_entropy_with_logits(logits, labels, weight=keep, reduction="sum")
+    return terms / keep.sum()
