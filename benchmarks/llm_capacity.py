@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ray-texts", type=int, default=None, help="texts of the Ray scaling job (default 8; quick 4)")
     ap.add_argument("--ray-steps", type=int, default=None, help="fixed steps per text in the Ray job (default 40)")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE",
+                    help="a FitConfig setting for the capacity fits, e.g. --fit restart_patience=400 (repeatable)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from scalerec.llm import FitConfig, fit_shared_m, load_causal_lm
@@ -145,7 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     lm = load_causal_lm(args.model)
-    cfg = FitConfig(max_steps=args.max_steps)
+    overrides = {}
+    for kv in args.fit:
+        key, eq, value = kv.partition("=")
+        if not eq or key not in FitConfig.__dataclass_fields__:
+            raise SystemExit(f"--fit {kv!r}: expected KEY=VALUE with KEY a FitConfig field "
+                             f"({', '.join(FitConfig.__dataclass_fields__)})")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value  # a plain string, e.g. schedule=cosine
+    cfg = FitConfig(max_steps=args.max_steps, **overrides)
     if "capacity" in sections:
         texts = passages(lm, args.passages, max(lengths))
         for mode in modes:
