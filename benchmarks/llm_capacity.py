@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from scalerec.llm import FitConfig, fit_shared_m, load_causal_lm
+    from scalerec.llm.jobs import fit_kwargs
+    from scalerec.overrides import parse_key_values
+
+    fit_overrides = fit_kwargs(parse_key_values(args.fit, "--fit"))  # bad settings fail before the model loads
 
     sections = (args.sections or ("capacity,throughput" if args.quick else "capacity,throughput,ray")).split(",")
     modes = args.modes.split(",")
@@ -147,17 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     lm = load_causal_lm(args.model)
-    overrides = {}
-    for kv in args.fit:
-        key, eq, value = kv.partition("=")
-        if not eq or key not in FitConfig.__dataclass_fields__:
-            raise SystemExit(f"--fit {kv!r}: expected KEY=VALUE with KEY a FitConfig field "
-                             f"({', '.join(FitConfig.__dataclass_fields__)})")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value  # a plain string, e.g. schedule=cosine
-    cfg = FitConfig(max_steps=args.max_steps, **overrides)
+    cfg = FitConfig(**{"max_steps": args.max_steps, **fit_overrides})
     if "capacity" in sections:
         texts = passages(lm, args.passages, max(lengths))
         for mode in modes:

@@ -79,19 +79,12 @@ def loss_and_grads(name, params, H, Y, table, seed):
 def parse_settings(text: str) -> list[tuple[str, dict]]:
     """``"rece:n_buckets=64,rounds=2;sce"`` -> ``[("rece", {"n_buckets": 64, "rounds": 2}), ("sce", {})]``."""
     from scalerec.losses import get_loss
+    from scalerec.overrides import parse_key_values
 
     out = []
     for item in filter(None, (t.strip() for t in text.split(";"))):
         name, _, rest = item.partition(":")
-        params = {}
-        for kv in filter(None, (t.strip() for t in rest.split(","))):
-            key, eq, value = kv.partition("=")
-            if not eq:
-                raise SystemExit(f"--settings: {kv!r} in {item!r} is not key=value")
-            try:
-                params[key.strip()] = json.loads(value)
-            except json.JSONDecodeError:
-                params[key.strip()] = value.strip()
+        params = parse_key_values(filter(None, (t.strip() for t in rest.split(","))), f"--settings {item!r}:")
         get_loss(name.strip(), **params)  # unknown loss or parameter: the registry's own clear error
         out.append((name.strip(), params))
     return out

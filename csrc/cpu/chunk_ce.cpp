@@ -161,11 +161,11 @@ std::tuple<at::Tensor, at::Tensor> chunk_ce_cpu(const at::Tensor& hidden_, const
 // grad_rows [row_hi - row_lo, d] their gradient. The probabilities come from the saved lse, so the terms of one
 // row never depend on the values of the others: summed over a partition of the rows, the passes give exactly
 // the full backward (and a caller may update the rows of one pass before running the next).
-static std::tuple<at::Tensor, at::Tensor> chunk_backward_range(const at::Tensor& grad_loss_, const at::Tensor& hidden_,
-                                                               const at::Tensor& table_, const at::Tensor& targets_,
-                                                               const at::Tensor& x_chunks_, const at::Tensor& y_chunks_,
-                                                               int64_t n_extra, const at::Tensor& lse_, int64_t row_lo,
-                                                               int64_t row_hi) {
+std::tuple<at::Tensor, at::Tensor> chunk_ce_backward_rows_cpu(const at::Tensor& grad_loss_, const at::Tensor& hidden_,
+                                                              const at::Tensor& table_, const at::Tensor& targets_,
+                                                              const at::Tensor& x_chunks_, const at::Tensor& y_chunks_,
+                                                              int64_t n_extra, const at::Tensor& lse_, int64_t row_lo,
+                                                              int64_t row_hi) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto hidden = hidden_.contiguous(), table = table_.contiguous(), targets = targets_.contiguous();
   auto x_chunks = x_chunks_.contiguous(), y_chunks = y_chunks_.contiguous();
@@ -235,15 +235,8 @@ std::tuple<at::Tensor, at::Tensor> chunk_ce_backward_cpu(const at::Tensor& grad_
                                                          const at::Tensor& table, const at::Tensor& targets,
                                                          const at::Tensor& x_chunks, const at::Tensor& y_chunks,
                                                          int64_t n_extra, const at::Tensor& lse) {
-  return chunk_backward_range(grad_loss, hidden, table, targets, x_chunks, y_chunks, n_extra, lse, 0, table.size(0));
-}
-
-std::tuple<at::Tensor, at::Tensor> chunk_ce_backward_rows_cpu(const at::Tensor& grad_loss, const at::Tensor& hidden,
-                                                              const at::Tensor& table, const at::Tensor& targets,
-                                                              const at::Tensor& x_chunks, const at::Tensor& y_chunks,
-                                                              int64_t n_extra, const at::Tensor& lse, int64_t row_start,
-                                                              int64_t row_end) {
-  return chunk_backward_range(grad_loss, hidden, table, targets, x_chunks, y_chunks, n_extra, lse, row_start, row_end);
+  return chunk_ce_backward_rows_cpu(grad_loss, hidden, table, targets, x_chunks, y_chunks, n_extra, lse, 0,
+                                    table.size(0));
 }
 
 TORCH_LIBRARY_FRAGMENT(scalerec, m) {

@@ -52,15 +52,9 @@ def add_parser(subparsers) -> None:
 
 
 def _parse_fit(args) -> dict:
-    fit: dict = {}
-    for kv in args.fit:
-        if "=" not in kv:
-            raise ValueError(f"--fit {kv!r}: expected KEY=VALUE")
-        k, v = kv.split("=", 1)
-        try:
-            fit[k] = json.loads(v)
-        except json.JSONDecodeError:
-            fit[k] = v
+    from scalerec.overrides import parse_key_values
+
+    fit = parse_key_values(args.fit, "--fit")
     for k in ("max_steps", "lr", "seed"):
         v = getattr(args, k)
         if v is not None:

@@ -212,7 +212,7 @@ class ShardFitter:
         torch.set_num_threads(max(1, int(spec.threads)))
         self.spec = spec
         self.lm = load_causal_lm(spec.model, dtype=spec.dtype, device=spec.device)
-        self.cfg = FitConfig(**_fit_kwargs(spec.fit))
+        self.cfg = FitConfig(**fit_kwargs(spec.fit))
         self.shared_m = None if shared_m is None else torch.as_tensor(shared_m, dtype=torch.float32)
 
     def fit_shard(self, k: int, records: list[Record]) -> dict:
@@ -268,7 +268,8 @@ class ShardFitter:
         return True
 
 
-def _fit_kwargs(fit: dict) -> dict:
+def fit_kwargs(fit: dict) -> dict:
+    """``fit`` (FitConfig field -> value) checked against FitConfig's fields, ready for ``FitConfig(**...)``."""
     from .fitting import FitConfig
 
     known = set(FitConfig.__dataclass_fields__)
@@ -292,7 +293,7 @@ def run_job(spec: JobSpec, ray_address: str | None = None, progress: bool = True
     A worker that dies (killed, out of memory) is replaced and its shard retried up to ``max_retries`` times;
     an exception raised by the fitting code itself stops the job (finished shards stay on disk).
     """
-    _fit_kwargs(spec.fit)  # fail early on unknown settings
+    fit_kwargs(spec.fit)  # fail early on unknown settings
     if spec.mode not in ("one-step", "ar"):
         raise ValueError(f"unknown mode {spec.mode!r}: 'one-step' or 'ar'")
     if spec.mode == "ar" and spec.shared_m:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from scalerec.models import collectives as coll
+from scalerec.ops.row_update import adagrad_rows_
 
 LAYOUTS = ("cyclic", "snake", "block", "popularity")
 OPTIMIZERS = ("adagrad", "adam", "sgd")
@@ -314,9 +315,9 @@ class ShardedItemTable:
         if self.optimizer == "sgd":
             w.add_(g, alpha=-lr)
         elif self.optimizer == "adagrad":  # row-wise: one accumulator per row (mean of g^2 over the row)
-            s = self.state["sum"][idx] + g.pow(2).mean(1)
+            s = self.state["sum"][idx]
+            adagrad_rows_(w, g, s, lr, self.eps)
             self.state["sum"][idx] = s
-            w.addcdiv_(g, (s.sqrt() + self.eps).unsqueeze(1), value=-lr)
         else:  # lazy Adam: moments of untouched rows are not decayed (torch.optim.SparseAdam semantics)
             b1, b2 = self.betas
             m = self.state["exp_avg"][idx].mul_(b1).add_(g, alpha=1 - b1)

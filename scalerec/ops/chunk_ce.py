@@ -79,14 +79,14 @@ class _ChunkCEFused(torch.autograd.Function):
         hidden, targets, x_chunks, y_chunks, lse = ctx.saved_tensors
         table = ctx.table.detach()  # updated in place below: not saved through autograd, whose version check would fire
         C = table.size(0)
+        grad_loss, hidden = grad_loss.contiguous(), hidden.detach()
         grad_hidden = None
         # every range's gradient is computed from the pre-update values of its own rows and the saved lse, so
         # updating the rows of one range before computing the next equals computing the whole gradient first
         for start in range(0, C, ctx.rows_per_pass):
             end = min(C, start + ctx.rows_per_pass)
-            gh, g_rows = torch.ops.scalerec.chunk_ce_backward_rows(
-                grad_loss.contiguous(), hidden.detach(), table, targets, x_chunks, y_chunks, ctx.n_extra, lse, start, end
-            )
+            gh, g_rows = chunk_ce_backward_rows(grad_loss, hidden, table, targets, x_chunks, y_chunks, ctx.n_extra,
+                                                lse, start, end)
             grad_hidden = gh if grad_hidden is None else grad_hidden.add_(gh)
             with torch.no_grad():
                 ctx.update(table, start, g_rows)

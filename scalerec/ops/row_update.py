@@ -16,6 +16,13 @@ from __future__ import annotations
 import torch
 
 
+def adagrad_rows_(w: torch.Tensor, g: torch.Tensor, s: torch.Tensor, lr: float, eps: float) -> None:
+    """Row-wise Adagrad on rows ``w [n, d]`` with gradient ``g`` and accumulators ``s [n]``, both in place:
+    ``s += mean_j g^2``, ``w -= lr * g / (sqrt(s) + eps)``. Shared by the updaters below and the sharded table."""
+    s.add_(g.pow(2).mean(1).to(s.dtype))
+    w.addcdiv_(g, (s.to(w.dtype).sqrt() + eps).unsqueeze(1), value=-lr)
+
+
 class RowSGD:
     """``w -= lr * g`` on the rows that got a gradient."""
 
@@ -58,8 +65,6 @@ class RowwiseAdagrad:
             rows = table[row_start + a: row_start + b]
             w = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()  # bf16 storage: fp32 math
             g = grad_rows[a:b].to(w.dtype)
-            s = self.sum[row_start + a: row_start + b]
-            s.add_(g.pow(2).mean(1).to(s.dtype))
-            w.addcdiv_(g, (s.to(w.dtype).sqrt() + self.eps).unsqueeze(1), value=-self.lr)
+            adagrad_rows_(w, g, self.sum[row_start + a: row_start + b], self.lr, self.eps)
             if w is not rows:
                 rows.copy_(w)
