@@ -34,7 +34,7 @@ if with_cuda:
     ext = CUDAExtension(
         "scalerec._C",
         cpu_sources + cuda_sources,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++20", "--expt-relaxed-constexpr"]},
         extra_link_args=["-fopenmp"],
         define_macros=define_macros,
     )

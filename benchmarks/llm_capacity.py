@@ -40,7 +40,18 @@ def passages(lm, n_passages: int, max_len: int) -> list[list[int]]:
     return out
 
 
-def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, shared_m=None, log=print) -> dict:
+def corpus(lm, n_passages: int, n_texts: int, n_tokens: int) -> list[list[int]]:
+    """``n_texts`` consecutive ``n_tokens``-token texts after the test passages' region (no overlap with them)."""
+    ids = lm.encode(TEXT.read_text())
+    start = 1000 + 500 * n_passages
+    out = [ids[start + n_tokens * i: start + n_tokens * (i + 1)] for i in range(n_texts)]
+    if len(out[-1]) != n_tokens:
+        raise SystemExit(f"--shared-corpus: the bundled text holds fewer than {n_texts} x {n_tokens} tokens")
+    return out
+
+
+def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, shared_m=None, log=print,
+             on_length=None) -> dict:
     from scalerec.llm import fit_ar, fit_one_step
 
     per_len = {}
@@ -61,6 +72,8 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
                       "seconds": [round(r.seconds, 1) for r in res], "restarts": [r.restarts for r in res],
                       "wall_seconds": round(wall, 1)}
         log(f"[{mode}] N={n}: {per_len[n]}")
+        if on_length is not None:
+            on_length(per_len)
         nxt = []
         for i, r in zip(alive, res):
             if r.accuracy == 1.0:
@@ -125,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=1500)
     ap.add_argument("--shared-corpus", type=int, default=16, help="texts the shared m is fitted on (other passages)")
     ap.add_argument("--shared-steps", type=int, default=400)
+    ap.add_argument("--shared-tokens", type=int, default=16, help="tokens per corpus text of the shared-m fit")
+    ap.add_argument("--shared-batch", type=int, default=16, help="corpus texts per step of the shared-m fit")
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    ap.add_argument("--dtype", default="float32", help="model dtype: float32 (default), bfloat16, float16")
+    ap.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matrix products (float32 model)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ray-texts", type=int, default=None, help="texts of the Ray scaling job (default 8; quick 4)")
     ap.add_argument("--ray-steps", type=int, default=None, help="fixed steps per text in the Ray job (default 40)")
@@ -133,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="a FitConfig setting for the capacity fits, e.g. --fit restart_patience=400 (repeatable)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     from scalerec.llm import FitConfig, fit_shared_m, load_causal_lm
     from scalerec.llm.jobs import fit_kwargs
     from scalerec.overrides import parse_key_values
@@ -150,22 +171,34 @@ def main(argv: list[str] | None = None) -> int:
                      "load_average_start": os.getloadavg()}
     t_all = time.perf_counter()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    lm = load_causal_lm(args.model)
+    lm = load_causal_lm(args.model, dtype=args.dtype, device=args.device)
+    figures.update(device=str(lm.device), dtype=args.dtype, tf32=args.tf32)
+    if lm.device.type == "cuda":
+        figures["gpu"] = torch.cuda.get_device_name(lm.device)
+
+    def save_partial(*_):  # an interrupted run keeps what it measured
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps({**figures, "partial": True}) + "\n")
+
     cfg = FitConfig(**{"max_steps": args.max_steps, **fit_overrides})
     if "capacity" in sections:
         texts = passages(lm, args.passages, max(lengths))
         for mode in modes:
             shared = None
             if mode == "shared-m":
-                corpus_src = passages(lm, args.passages + args.shared_corpus, 16)[args.passages:]
-                sh = fit_shared_m(lm, corpus_src, steps=args.shared_steps)
+                corpus_src = corpus(lm, args.passages, args.shared_corpus, args.shared_tokens)
+                sh = fit_shared_m(lm, corpus_src, steps=args.shared_steps, batch_size=args.shared_batch)
                 shared = sh.m
-                figures["shared_m_fit"] = {"corpus": len(corpus_src), "tokens": 16,
+                figures["shared_m_fit"] = {"corpus": len(corpus_src), "tokens": args.shared_tokens,
+                                           "batch": args.shared_batch,
                                            "mean_accuracy": round(sh.mean_accuracy, 4), "steps": sh.steps,
                                            "seconds": round(sh.seconds, 1)}
                 log(f"[shared-m] {figures['shared_m_fit']}")
-            figures[f"capacity_{mode}"] = capacity(lm, "ar" if mode == "ar" else "one-step", lengths, texts, cfg,
-                                                   shared_m=shared, log=log)
+            figures[f"capacity_{mode}"] = capacity(
+                lm, "ar" if mode == "ar" else "one-step", lengths, texts, cfg, shared_m=shared, log=log,
+                on_length=lambda per, mode=mode: save_partial(figures.__setitem__(f"partial_{mode}", per)))
+            figures.pop(f"partial_{mode}", None)
+            save_partial()
     if "throughput" in sections:
         tp = throughput(lm, cfg, batch_sizes=(1, 4) if args.quick else (1, 8, 32), steps=2 if args.quick else 3, log=log)
         mean_steps = None

@@ -74,8 +74,16 @@ def summarize(runs: list[dict], metric: str) -> dict:
             row["calibration_s"] = mean([r["calibration_s"] for r in rs])
         if "lora_rank" in rs[0]:
             row["lora_rank"] = rs[0]["lora_rank"]
+        if "cuda_train_peak_mb" in rs[0]:
+            row["cuda_train_peak_mb"] = mean([r["cuda_train_peak_mb"] for r in rs])
+            row["cuda_after_load_mb"] = mean([r["cuda_after_load_mb"] for r in rs])
         if lora:
             pairs = [(r, lora[r["seed"]]) for r in rs if r["seed"] in lora]
+            if "cuda_train_peak_mb" in rs[0]:
+                row["cuda_peak_vs_lora"] = mean([a["cuda_train_peak_mb"] / b["cuda_train_peak_mb"] for a, b in pairs])
+                row["cuda_beyond_model_vs_lora"] = mean(
+                    [(a["cuda_train_peak_mb"] - a["cuda_after_load_mb"])
+                     / (b["cuda_train_peak_mb"] - b["cuda_after_load_mb"]) for a, b in pairs])
             row["speed_vs_lora"] = mean([a["steps_per_s"] / b["steps_per_s"] for a, b in pairs])
             row["peak_rss_vs_lora"] = mean([a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in pairs])
             row["train_mem_vs_lora"] = mean([(a["peak_rss_mb"] - a["rss_after_load_mb"])
@@ -96,6 +104,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (runs are sequential)")
     ap.add_argument("--grad-dtype", default="bfloat16", choices=["float32", "bfloat16"],
                     help="dtype of SparseGrad/MeProp weight-gradient GEMMs")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU memory: torch's allocator peak)")
+    ap.add_argument("--model", default=None, help="model folder or alias (default: minilm; --lm: smollm2)")
+    ap.add_argument("--max-length", type=int, default=None, help="SST-2 tokens per sentence (default 32)")
     ap.add_argument("--out", default=None, help="also write all runs and the summary to this JSON file")
     args = ap.parse_args()
     if args.worker:
@@ -104,7 +115,7 @@ def main() -> int:
 
     if args.lm:
         methods = args.methods.split(",") if args.methods else ["lora", "sparsegrad"]
-        base = dict(model="smollm2", task="shakespeare", steps=args.steps or (3 if args.quick else 12),
+        base = dict(model=args.model or "smollm2", task="shakespeare", steps=args.steps or (3 if args.quick else 12),
                     batch_size=args.batch_size or 4, block=64, calibration_steps=2 if args.quick else 3,
                     eval_limit=8 if args.quick else 16, grad_dtype=args.grad_dtype, threads=args.threads)
         seeds = [0]
@@ -119,8 +130,11 @@ def main() -> int:
             base = dict(steps=args.steps or 40, batch_size=args.batch_size or 16, max_length=32,
                         calibration_steps=5)
             seeds = list(range(args.seeds))
-        base.update(model="minilm", task="sst2", grad_dtype=args.grad_dtype, threads=args.threads)
+        base.update(model=args.model or "minilm", task="sst2", grad_dtype=args.grad_dtype, threads=args.threads)
+        if args.max_length:
+            base["max_length"] = args.max_length
         metric = "dev_accuracy"
+    base["device"] = args.device
     for m in methods:
         if m not in METHODS:
             ap.error(f"--methods: {m!r} is not one of {METHODS}")
@@ -136,7 +150,7 @@ def main() -> int:
                 with open(args.out, "w") as f:
                     json.dump({"partial": True, "settings": base, "runs": runs}, f, indent=1, default=str)
             print(f"[{time.time() - t0:6.0f}s] seed={seed} {m:10s} {extra} steps/s={r['steps_per_s']:.3f} "
-                  f"peak_rss={r['peak_rss_mb']:.0f}MB train_mem={r['peak_rss_mb'] - r['rss_after_load_mb']:.0f}MB",
+                  f"peak_rss={r['peak_rss_mb']:.0f}MB cuda_peak={r.get('cuda_train_peak_mb', 0):.0f}MB train_mem={r['peak_rss_mb'] - r['rss_after_load_mb']:.0f}MB",
                   file=sys.stderr, flush=True)
     summary = summarize(runs, metric)
     out = {"benchmark": "sparsegrad_lm" if args.lm else "sparsegrad_sst2", "quick": args.quick,

@@ -53,6 +53,7 @@ class FinetuneSettings:
     data_dir: str | None = None
     text: str | None = None
     threads: int | None = None
+    device: str = "cpu"              # "cpu", "cuda" or "cuda:N"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -65,6 +66,8 @@ class FinetuneSettings:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if not (0.0 < float(self.density) <= 1.0):
             raise ValueError(f"density must be in (0, 1], got {self.density!r}")
+        if self.device != "cpu" and not str(self.device).startswith("cuda"):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
     @classmethod
     def from_overrides(cls, base: dict, overrides: list[str]) -> "FinetuneSettings":
@@ -96,6 +99,16 @@ class FinetuneSettings:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _on(batches, device: torch.device):
+    """The batches (dicts of tensors) moved to ``device``."""
+    for b in batches:
+        yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+def _cuda_mb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def _load(s: FinetuneSettings):
@@ -209,30 +222,42 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
     under ``"_model"`` when ``keep_model``)."""
     if s.threads:
         torch.set_num_threads(s.threads)
+    dev = torch.device(s.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda: torch sees no GPU here")
     torch.manual_seed(s.seed)
     model, tok = _load(s)
+    model.to(dev)
     if s.task == "sst2":
         tr_x, tr_y = read_sst2("train", s.data_dir, s.train_limit)
         dv_x, dv_y = read_sst2("dev", s.data_dir, s.eval_limit)
-        train_it = classification_batches(tok, tr_x, tr_y, s.batch_size, s.seed, s.max_length)
-        calib_it = classification_batches(tok, tr_x, tr_y, s.batch_size, s.seed + 1000, s.max_length)
+        train_it = _on(classification_batches(tok, tr_x, tr_y, s.batch_size, s.seed, s.max_length), dev)
+        calib_it = _on(classification_batches(tok, tr_x, tr_y, s.batch_size, s.seed + 1000, s.max_length), dev)
 
         def eval_batches():
-            return classification_batches(tok, dv_x, dv_y, 128, 0, s.max_length, shuffle=False)
+            return _on(classification_batches(tok, dv_x, dv_y, 128, 0, s.max_length, shuffle=False), dev)
     else:
         train_blocks, test_blocks = lm_blocks(tok, read_shakespeare(s.text), s.block)
         if s.eval_limit:
             test_blocks = test_blocks[: s.eval_limit]
-        train_it = lm_batches(train_blocks, s.batch_size, s.seed)
-        calib_it = lm_batches(train_blocks, s.batch_size, s.seed + 1000)
+        train_it = _on(lm_batches(train_blocks, s.batch_size, s.seed), dev)
+        calib_it = _on(lm_batches(train_blocks, s.batch_size, s.seed + 1000), dev)
 
         def eval_batches():
-            return lm_batches(test_blocks, 16, 0, shuffle=False)
+            return _on(lm_batches(test_blocks, 16, 0, shuffle=False), dev)
 
     before = evaluate(model, eval_batches()) if s.task == "shakespeare" else None
     rss_loaded = peak_rss_mb()
+    cuda = dev.type == "cuda"
+    if cuda:  # GPU memory: torch's allocator peak (the CUDA context and allocator cache are not counted)
+        torch.cuda.synchronize(dev)
+        cuda_loaded = torch.cuda.memory_allocated(dev) / 2**20
+        torch.cuda.reset_peak_memory_stats(dev)
     model, opt, info = setup_method(s, model, calib_it)
     info["rss_after_setup_mb"] = peak_rss_mb()  # peak so far: load + the method's set-up (SparseGrad: calibration)
+    if cuda:
+        info["cuda_after_setup_peak_mb"] = _cuda_mb(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
     model.train()
     from tqdm.auto import tqdm
 
@@ -242,6 +267,8 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
     losses = []
     for step, batch in enumerate(itertools.islice(train_it, s.steps), start=1):
         if step == warm + 1:
+            if cuda:
+                torch.cuda.synchronize(dev)
             t_start = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
@@ -253,6 +280,11 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
         if log is not None:
             log({"event": "step", "step": step, "loss": losses[-1], "time": time.time()})
     bar.close()
+    if cuda:
+        torch.cuda.synchronize(dev)
+        info["device"] = torch.cuda.get_device_name(dev)
+        info["cuda_after_load_mb"] = cuda_loaded
+        info["cuda_train_peak_mb"] = _cuda_mb(dev)  # the training loop's peak (model, optimizer state, activations)
     elapsed = time.perf_counter() - t_start if t_start is not None else float("nan")
     rss_train = peak_rss_mb()
     # entries with Adam moments on the rotated weights (SparseGrad/MeProp): the union of the selected entries

@@ -1,0 +1,212 @@
+"""The CUDA kernels against the pure-PyTorch references (values and gradients), on the GPU.
+
+Runs only where torch sees a GPU and the extension was built with its CUDA kernels (``setup.py`` compiles
+``csrc/cuda`` when a CUDA torch and toolkit are present); on a CPU-only machine the whole module is skipped
+here, while the same ops' CPU kernels are tested in the other ``test_ops_*`` files. ``make cuda-check``
+compiles the CUDA sources with nvcc even without a GPU.
+"""
+import pytest
+import torch
+
+from scalerec.ops._lib import has_cuda_kernels
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not has_cuda_kernels(),
+    reason="needs a GPU and the extension's CUDA kernels",
+)
+
+DEV = "cuda"
+
+
+def _grads(out, inputs, seed=1):
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.device)
+    return torch.autograd.grad((out * w.to(out.dtype)).sum(), inputs)
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def _close(a, b, tol):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(b.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_gather_dot_cuda(dtype, tol):
+    from scalerec.ops.gather_dot import gather_dot, gather_dot_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 16, generator=g, dtype=dtype)
+    table = torch.randn(101, 16, generator=g, dtype=dtype)
+    idx = torch.randint(0, 101, (37, 9), generator=g)
+    xc, tc = _leaf(x.to(DEV)), _leaf(table.to(DEV))
+    xr, tr = _leaf(x.double()), _leaf(table.double())
+    out, ref = gather_dot(xc, tc, idx.to(DEV)), gather_dot_reference(xr, tr, idx)
+    _close(out, ref, tol)
+    for a, b in zip(_grads(out, (xc, tc)), _grads(ref, (xr, tr))):
+        _close(a, b, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("row_start,tile", [(1, 64), (0, 4096)])
+def test_blockwise_ce_cuda(dtype, tol, row_start, tile):
+    from scalerec.ops.blockwise_ce import blockwise_ce, blockwise_ce_reference
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(45, 24, generator=g, dtype=dtype)
+    t = torch.randn(1000, 24, generator=g, dtype=dtype)
+    y = torch.randint(1, 1000, (45,), generator=g)
+    hc, tc = _leaf(h.to(DEV)), _leaf(t.to(DEV))
+    hr, tr = _leaf(h.double()), _leaf(t.double())
+    out = blockwise_ce(hc, tc, y.to(DEV), row_start=row_start, tile=tile)
+    ref = blockwise_ce_reference(hr, tr, y, row_start=row_start)
+    _close(out, ref, tol)
+    for a, b in zip(_grads(out, (hc, tc)), _grads(ref, (hr, tr))):
+        _close(a, b, tol)
+
+
+@pytest.mark.parametrize("row_start", [0, 1])
+def test_bucket_topk_cuda(row_start):
+    from scalerec.ops.bucket_topk import bucket_topk, bucket_topk_reference
+
+    g = torch.Generator().manual_seed(2)
+    dirs = torch.randn(7, 16, generator=g, dtype=torch.float64)
+    table = torch.randn(5000, 16, generator=g, dtype=torch.float64)
+    v, i = bucket_topk(dirs.to(DEV), table.to(DEV), 33, row_start=row_start, tile=512)
+    rv, ri = bucket_topk_reference(dirs, table, 33, row_start=row_start)
+    _close(v, rv, 1e-12)
+    assert torch.equal(i.cpu(), ri)
+    # all scores tied: k distinct rows of the range (the CUDA kernel does not order ties by row id)
+    tied = torch.ones(300, 4, dtype=torch.float64)
+    v, i = bucket_topk(torch.ones(2, 4, dtype=torch.float64, device=DEV), tied.to(DEV), 5, row_start=row_start)
+    assert torch.all(v == 4.0)
+    for row in i.cpu().tolist():
+        assert len(set(row)) == 5 and all(row_start <= r < 300 for r in row)
+
+
+def test_bucket_ce_cuda():
+    from scalerec.ops.bucket_ce import bucket_ce, bucket_ce_reference
+
+    g = torch.Generator().manual_seed(3)
+    N, C, d, n_b, b_x, b_y = 40, 300, 8, 6, 11, 17
+    h = torch.randn(N, d, generator=g, dtype=torch.float64)
+    t = torch.randn(C, d, generator=g, dtype=torch.float64)
+    y = torch.randint(1, C, (N,), generator=g)
+    x_ids = torch.stack([torch.randperm(N, generator=g)[:b_x] for _ in range(n_b)])
+    y_ids = torch.stack([torch.randperm(C - 1, generator=g)[:b_y] + 1 for _ in range(n_b)])
+    y_ids[0, :b_x] = y[x_ids[0]]  # some candidates equal the positive: masked
+    hc, tc = _leaf(h.to(DEV)), _leaf(t.to(DEV))
+    hr, tr = _leaf(h), _leaf(t)
+    loss, cov = bucket_ce(hc, tc, y.to(DEV), x_ids.to(DEV), y_ids.to(DEV))
+    rloss, rcov = bucket_ce_reference(hr, tr, y, x_ids, y_ids)
+    assert torch.equal(cov.cpu(), rcov)
+    _close(loss[cov], rloss[rcov], 1e-10)
+    w = torch.randn(int(rcov.sum()), generator=g, dtype=torch.float64)
+    ga = torch.autograd.grad((loss[cov] * w.to(DEV)).sum(), (hc, tc))
+    gb = torch.autograd.grad((rloss[rcov] * w).sum(), (hr, tr))
+    for a, b in zip(ga, gb):
+        _close(a, b, 1e-10)
+
+
+@pytest.mark.parametrize("n_extra", [0, 1])
+def test_chunk_ce_cuda(n_extra):
+    from scalerec.ops.chunk_ce import chunk_ce, chunk_ce_reference
+
+    g = torch.Generator().manual_seed(4)
+    N, C, d, R, K = 50, 200, 8, 2, 5
+    h = torch.randn(N, d, generator=g, dtype=torch.float64)
+    t = torch.randn(C, d, generator=g, dtype=torch.float64)
+    y = torch.randint(1, C, (N,), generator=g)
+    cx, cy = -(-N // K), -(-(C - 1) // K)
+    xs, ys = [], []
+    for _ in range(R):
+        x = torch.full((K * cx,), -1, dtype=torch.long)
+        x[:N] = torch.randperm(N, generator=g)
+        yy = torch.full((K * cy,), -1, dtype=torch.long)
+        yy[: C - 1] = torch.randperm(C - 1, generator=g) + 1
+        xs.append(x.view(K, cx))
+        ys.append(yy.view(K, cy))
+    xc, yc = torch.stack(xs), torch.stack(ys)
+    hc, tc = _leaf(h.to(DEV)), _leaf(t.to(DEV))
+    hr, tr = _leaf(h), _leaf(t)
+    out = chunk_ce(hc, tc, y.to(DEV), xc.to(DEV), yc.to(DEV), n_extra)
+    ref = chunk_ce_reference(hr, tr, y, xc, yc, n_extra)
+    _close(out, ref, 1e-10)
+    for a, b in zip(_grads(out, (hc, tc)), _grads(ref, (hr, tr))):
+        _close(a, b, 1e-10)
+
+
+@pytest.mark.parametrize("rotated", [True, False])
+def test_sparsegrad_ops_cuda(rotated):
+    from scalerec.ops.sparse_grad import (rotated_weight_grad_reference, sparsegrad_rotated_update_,
+                                          sparsegrad_rotated_update_reference, sparsegrad_topk_grad)
+
+    g = torch.Generator().manual_seed(5)
+    T, o, i, k = 64, 48, 32, 50
+    go = torch.randn(T, o, generator=g, dtype=torch.float64)
+    x = torch.randn(T, i, generator=g, dtype=torch.float64)
+    uo = torch.linalg.qr(torch.randn(o, o, generator=g, dtype=torch.float64))[0] if rotated else None
+    ui = torch.linalg.qr(torch.randn(i, i, generator=g, dtype=torch.float64))[0] if rotated else None
+    on = (lambda a: a.to(DEV) if a is not None else None)
+    idx, val = sparsegrad_topk_grad(go.to(DEV), x.to(DEV), on(uo), on(ui), k)
+    dense = rotated_weight_grad_reference(go, x, uo, ui).flatten()
+    ref_idx = torch.topk(dense.abs(), k).indices.sort().values
+    assert torch.equal(idx.cpu(), ref_idx)
+    _close(val, dense[ref_idx], 1e-10)
+    if rotated:
+        w = torch.randn(o, i, generator=g, dtype=torch.float64)
+        delta = torch.randn(k, generator=g, dtype=torch.float64)
+        got = sparsegrad_rotated_update_(w.clone().to(DEV), uo.to(DEV), ui.to(DEV), idx, delta.to(DEV))
+        ref = sparsegrad_rotated_update_reference(w.clone(), uo, ui, ref_idx, delta)
+        _close(got, ref, 1e-10)
+
+
+def test_losses_on_cuda_match_cpu():
+    """SCE, RECE and the exact blockwise CE give the same loss and gradients on the GPU as on the CPU."""
+    from scalerec.losses.ce import ce_loss
+    from scalerec.losses.rece import rece
+    from scalerec.losses.sce import sce
+
+    g = torch.Generator().manual_seed(6)
+    N, C, d = 96, 2000, 16
+    h = torch.randn(N, d, generator=g, dtype=torch.float64)
+    t = torch.randn(C + 1, d, generator=g, dtype=torch.float64) * 0.5
+    y = torch.randint(1, C + 1, (N,), generator=g)
+    dirs = torch.randn(8, d, generator=g, dtype=torch.float64)
+    rdirs = torch.randn(2, 8, d, generator=g, dtype=torch.float64)
+    cases = {
+        "sce": lambda hh, tt, yy: sce(hh, tt, yy, directions=dirs.to(hh.device), bucket_size_x=24,
+                                      bucket_size_y=64),
+        "rece": lambda hh, tt, yy: rece(hh, tt, yy, n_extra_chunks=1, directions=rdirs.to(hh.device)),
+        "ce": lambda hh, tt, yy: ce_loss(hh, tt, yy),
+    }
+    for name, fn in cases.items():
+        hc, tc = _leaf(h.to(DEV)), _leaf(t.to(DEV))
+        hr, tr = _leaf(h), _leaf(t)
+        a, b = fn(hc, tc, y.to(DEV)), fn(hr, tr, y)
+        _close(a, b, 1e-9)
+        for ga, gb in zip(torch.autograd.grad(a, (hc, tc)), torch.autograd.grad(b, (hr, tr))):
+            _close(ga, gb, 1e-9)
+
+
+def test_sparsegrad_layer_on_cuda():
+    """A SparseGrad layer on the GPU: exact before training, exactly k rotated entries change per step."""
+    from scalerec.peft.layers import SparseGradLinear
+    from scalerec.peft.sparsegrad import SparseGradOptimizer
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 48).to(DEV)
+    x = torch.randn(20, 32, device=DEV)
+    y0 = lin(x).detach()
+    uo = torch.linalg.qr(torch.randn(48, 48))[0]
+    ui = torch.linalg.qr(torch.randn(32, 32))[0]
+    model = torch.nn.Sequential(SparseGradLinear(lin, uo, ui, k=40))
+    torch.testing.assert_close(model(x).detach(), y0, atol=1e-5, rtol=1e-5)
+    layer = model[0]
+    opt = SparseGradOptimizer(model, lr=1e-2, sparse_lr=1e-2)
+    w0 = layer.rotated_weight.detach().clone()
+    model(x).pow(2).sum().backward()
+    opt.step()
+    assert int((layer.rotated_weight.detach() != w0).sum()) == 40
+    torch.testing.assert_close(layer.w_eff, layer.dense_weight(), atol=1e-5, rtol=1e-5)
