@@ -33,9 +33,9 @@ PAPER = {  # Pythia-160M, the papers' smallest model, token accuracy 0.99
 }
 
 
-def passages(lm, n_passages: int, max_len: int) -> list[list[int]]:
+def passages(lm, n_passages: int, max_len: int, first: int = 0) -> list[list[int]]:
     ids = lm.encode(TEXT.read_text())
-    out = [ids[1000 + 500 * i: 1000 + 500 * i + max_len] for i in range(n_passages)]
+    out = [ids[1000 + 500 * i: 1000 + 500 * i + max_len] for i in range(first, first + n_passages)]
     assert all(len(p) == max_len for p in out), "bundled text too short for these passages"
     return out
 
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="one-step,shared-m,ar")
     ap.add_argument("--lengths", default="16,32,64,128")
     ap.add_argument("--passages", type=int, default=5)
+    ap.add_argument("--first-passage", type=int, default=0, help="index of the first passage (split a run in parts)")
     ap.add_argument("--max-steps", type=int, default=1500)
     ap.add_argument("--shared-corpus", type=int, default=16, help="texts the shared m is fitted on (other passages)")
     ap.add_argument("--shared-steps", type=int, default=400)
@@ -182,11 +183,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = FitConfig(**{"max_steps": args.max_steps, **fit_overrides})
     if "capacity" in sections:
-        texts = passages(lm, args.passages, max(lengths))
+        texts = passages(lm, args.passages, max(lengths), first=args.first_passage)
+        figures["passages"] = list(range(args.first_passage, args.first_passage + args.passages))
         for mode in modes:
             shared = None
             if mode == "shared-m":
-                corpus_src = corpus(lm, args.passages, args.shared_corpus, args.shared_tokens)
+                corpus_src = corpus(lm, max(5, args.first_passage + args.passages), args.shared_corpus,
+                                    args.shared_tokens)
                 sh = fit_shared_m(lm, corpus_src, steps=args.shared_steps, batch_size=args.shared_batch)
                 shared = sh.m
                 figures["shared_m_fit"] = {"corpus": len(corpus_src), "tokens": args.shared_tokens,

@@ -117,3 +117,17 @@ def test_bad_input_is_a_clear_error(lm):
         fit_ar(lm, [[1] * lm.max_positions], n_mem=1)
     with pytest.raises(ValueError, match="vectors must be"):
         decode_one_step(lm, torch.zeros(2, 7), 4)
+
+
+def test_restart_patience_grows_with_the_text_length():
+    from scalerec.llm.fitting import restart_patience_for
+
+    auto = FitConfig()
+    assert auto.restart_patience == "auto"
+    assert [restart_patience_for(auto, n) for n in (4, 16, 32, 64, 128)] == [100, 100, 400, 1600, 6400]
+    assert restart_patience_for(FitConfig(restart_patience=250), 128) == 250
+    assert restart_patience_for(FitConfig(restart_patience=None), 8) is None
+    assert restart_patience_for(FitConfig(restart_patience=0), 8) is None
+    for bad in (-1, "sometimes", 1.5, True):
+        with pytest.raises(ValueError, match="restart_patience"):
+            FitConfig(restart_patience=bad)

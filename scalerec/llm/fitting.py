@@ -49,10 +49,31 @@ class FitConfig:
     target_accuracy: float = 1.0
     ce_floor: float = 0.0            # per-token loss max(CE - ce_floor, 0): tokens already predicted with
                                      # confidence stop pulling, the gradient goes to the ones still wrong
-    restart_patience: int | None = 100   # re-initialise a text whose best accuracy has not improved for this many steps
+    restart_patience: int | str | None = "auto"  # re-initialise a text whose best accuracy has not improved for
+                                     # this many steps; "auto": restart_patience_for(n_tokens); None or 0: never
+
+    def __post_init__(self):
+        p = self.restart_patience
+        if not (p is None or p == "auto" or (isinstance(p, int) and not isinstance(p, bool) and p >= 0)):
+            raise ValueError(f"restart_patience must be 'auto', an int >= 0 or None (off), got {p!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def restart_patience_for(cfg: FitConfig, n_tokens: int) -> int | None:
+    """Steps without a better accuracy after which a text of ``n_tokens`` tokens is re-initialised (None: never).
+
+    ``"auto"``: 100 up to 16 tokens, then ``100 * (n_tokens / 16) ** 2`` — the steps to an exact fit grow about
+    that fast with the length (SmolLM2, one-step: ~80 at 16 tokens, ~260 at 32, 650–2,000 at 64; docs/llm.md),
+    and a fixed 100 re-initialised every 64-token fit before it converged (0/2, against 2/2 without restarts).
+    """
+    p = cfg.restart_patience
+    if p is None or p == 0:
+        return None
+    if p == "auto":
+        return int(100 * max(1.0, n_tokens / 16) ** 2)
+    return int(p)
 
 
 @dataclass
@@ -161,6 +182,9 @@ def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, 
     sm = None if shared_m is None else shared_m.detach().to(dev, dt).view(d)
     targets_dev = targets.to(dev)
     b1, b2 = cfg.betas
+    patience = [restart_patience_for(cfg, len(t)) for t in token_lists]
+    patience = None if all(p is None for p in patience) else torch.tensor(
+        [p if p is not None else torch.iinfo(torch.long).max for p in patience], dtype=torch.long)
 
     while bool(active.any()):
         t0 = time.perf_counter()
@@ -223,8 +247,8 @@ def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, 
                 denom = (exp_sq[gd] / (1 - b2 ** st)).sqrt() + cfg.eps
                 upd = (exp_avg[gd] / (1 - b1 ** st)) / denom
                 P[gd] = P[gd] * (1 - lr * cfg.weight_decay) - lr * upd
-                if cfg.restart_patience:
-                    stuck = gi[since_best[gi] >= cfg.restart_patience]
+                if patience is not None:
+                    stuck = gi[since_best[gi] >= patience[gi]]
                     for i in stuck.tolist():
                         restarts[i] += 1
                         gen = torch.Generator().manual_seed(_text_seed(cfg.seed, token_lists[i], int(restarts[i])))
