@@ -246,23 +246,25 @@ class SparseGradOptimizer(torch.optim.Optimizer):
             val = flat[idx]
         if idx.numel() == 0:
             return
-        # lazy Adam with moments stored on a growing sorted set of entries
+        # lazy Adam with moments stored on a growing sorted set of entries; the entry ids and per-entry step counts
+        # are int32 where the weight allows (16 bytes of state per entry instead of 24)
+        key = idx.to(torch.int32) if p.numel() < 2**31 else idx
         if "idx" not in st:
-            st["idx"] = idx.clone()
+            st["idx"] = key.clone()
             st["m"], st["v"] = torch.zeros_like(val), torch.zeros_like(val)
-            st["t"] = torch.zeros_like(idx)  # per-entry step counts for bias correction
+            st["t"] = torch.zeros_like(key, dtype=torch.int32)  # per-entry step counts for bias correction
         known = st["idx"]
-        pos = torch.searchsorted(known, idx)
-        hit = (pos < known.numel()) & (known[pos.clamp(max=known.numel() - 1)] == idx)
+        pos = torch.searchsorted(known, key)
+        hit = (pos < known.numel()) & (known[pos.clamp(max=known.numel() - 1)] == key)
         if not bool(hit.all()):
-            new = idx[~hit]
+            new = key[~hit]
             merged, order = torch.sort(torch.cat([known, new]))
             st["idx"] = merged
             st["m"] = torch.cat([st["m"], torch.zeros_like(new, dtype=val.dtype)])[order]
             st["v"] = torch.cat([st["v"], torch.zeros_like(new, dtype=val.dtype)])[order]
-            st["t"] = torch.cat([st["t"], torch.zeros_like(new)])[order]
+            st["t"] = torch.cat([st["t"], torch.zeros_like(new, dtype=torch.int32)])[order]
             known = merged
-            pos = torch.searchsorted(known, idx)
+            pos = torch.searchsorted(known, key)
         m = st["m"][pos].mul_(b1).add_(val, alpha=1 - b1)
         v = st["v"][pos].mul_(b2).addcmul_(val, val, value=1 - b2)
         te = st["t"][pos] + 1
