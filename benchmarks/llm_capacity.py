@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared-steps", type=int, default=400)
     ap.add_argument("--shared-tokens", type=int, default=16, help="tokens per corpus text of the shared-m fit")
     ap.add_argument("--shared-batch", type=int, default=16, help="corpus texts per step of the shared-m fit")
+    ap.add_argument("--shared-m-out", default=None, help="save the fitted shared m here (torch.save, [d] float32)")
+    ap.add_argument("--shared-m-in", default=None, help="use this saved shared m instead of fitting one")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     ap.add_argument("--dtype", default="float32", help="model dtype: float32 (default), bfloat16, float16")
     ap.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matrix products (float32 model)")
@@ -190,13 +192,20 @@ def main(argv: list[str] | None = None) -> int:
             if mode == "shared-m":
                 corpus_src = corpus(lm, max(5, args.first_passage + args.passages), args.shared_corpus,
                                     args.shared_tokens)
-                sh = fit_shared_m(lm, corpus_src, steps=args.shared_steps, batch_size=args.shared_batch)
-                shared = sh.m
-                figures["shared_m_fit"] = {"corpus": len(corpus_src), "tokens": args.shared_tokens,
-                                           "batch": args.shared_batch,
-                                           "mean_accuracy": round(sh.mean_accuracy, 4), "steps": sh.steps,
-                                           "seconds": round(sh.seconds, 1)}
+                if args.shared_m_in:  # an m fitted by an earlier run (its figures are in that run's JSON)
+                    shared = torch.load(args.shared_m_in)
+                    figures["shared_m_fit"] = {"from": args.shared_m_in}
+                else:
+                    sh = fit_shared_m(lm, corpus_src, steps=args.shared_steps, batch_size=args.shared_batch)
+                    shared = sh.m
+                    figures["shared_m_fit"] = {"corpus": len(corpus_src), "tokens": args.shared_tokens,
+                                               "batch": args.shared_batch,
+                                               "mean_accuracy": round(sh.mean_accuracy, 4), "steps": sh.steps,
+                                               "seconds": round(sh.seconds, 1)}
+                    if args.shared_m_out:
+                        torch.save(shared, args.shared_m_out)
                 log(f"[shared-m] {figures['shared_m_fit']}")
+                save_partial()
             figures[f"capacity_{mode}"] = capacity(
                 lm, "ar" if mode == "ar" else "one-step", lengths, texts, cfg, shared_m=shared, log=log,
                 on_length=lambda per, mode=mode: save_partial(figures.__setitem__(f"partial_{mode}", per)))
