@@ -127,6 +127,43 @@ def ray_scaling(model: str, n_texts: int, n_tokens: int, steps: int, log=print) 
     return out
 
 
+def plot_steps(files: list[str], out: str) -> dict:
+    """Steps to an exact fit against N from capacity JSON files (this script's --json-out), one point per text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts: dict = {}
+    for f in files:
+        d = json.loads(Path(f).read_text().strip().splitlines()[-1])
+        where = "GPU" if str(d.get("device", "cpu")).startswith("cuda") else "CPU"
+        for key, val in d.items():
+            if not key.startswith(("capacity_", "partial_")) or not isinstance(val, dict):
+                continue
+            mode = key.split("_", 1)[1]
+            for n, row in val.get("per_length", val).items():
+                for steps, acc in zip(row["steps"], row["accuracy"]):
+                    pts.setdefault((mode, where, acc == 1.0), []).append((int(n), steps))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colors = {"one-step": "tab:blue", "ar": "tab:orange", "shared-m": "tab:green"}
+    for (mode, where, exact), xy in sorted(pts.items()):
+        xs, ys = zip(*xy)
+        ax.scatter(xs, ys, c=colors.get(mode, "gray"), marker=("o" if where == "CPU" else "s") if exact else "x",
+                   alpha=0.75, label=f"{mode}, {where}" + ("" if exact else ", not exact (budget)"))
+    ns = [16, 32, 64, 128]
+    ax.plot(ns, [100 * max(1, n / 16) ** 2 for n in ns], "k--", lw=1, label='restart_patience "auto"')
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens N")
+    ax.set_ylabel("steps to 100 % token accuracy")
+    ax.set_title("SmolLM2-135M: steps per text to an exact fit")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return {f"{m}|{w}|{'exact' if e else 'missed'}": len(v) for (m, w, e), v in pts.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -150,9 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ray-texts", type=int, default=None, help="texts of the Ray scaling job (default 8; quick 4)")
     ap.add_argument("--ray-steps", type=int, default=None, help="fixed steps per text in the Ray job (default 40)")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--plot", nargs="+", default=None, metavar="JSON",
+                    help="only plot steps-to-exact vs N from these --json-out files (to --plot-out) and exit")
+    ap.add_argument("--plot-out", default="llm_capacity_steps.png")
     ap.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE",
                     help="a FitConfig setting for the capacity fits, e.g. --fit restart_patience=400 (repeatable)")
     args = ap.parse_args(argv)
+    if args.plot:
+        print(json.dumps({"plot": args.plot_out, "points": plot_steps(args.plot, args.plot_out)}))
+        return 0
     torch.set_num_threads(args.threads)
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
