@@ -111,23 +111,11 @@ def test_bucket_ce_cuda():
 
 @pytest.mark.parametrize("n_extra", [0, 1])
 def test_chunk_ce_cuda(n_extra):
+    from test_ops_chunk_ce import _inputs  # the CPU tests' chunk layout (random permutations as buckets)
+
     from scalerec.ops.chunk_ce import chunk_ce, chunk_ce_reference
 
-    g = torch.Generator().manual_seed(4)
-    N, C, d, R, K = 50, 200, 8, 2, 5
-    h = torch.randn(N, d, generator=g, dtype=torch.float64)
-    t = torch.randn(C, d, generator=g, dtype=torch.float64)
-    y = torch.randint(1, C, (N,), generator=g)
-    cx, cy = -(-N // K), -(-(C - 1) // K)
-    xs, ys = [], []
-    for _ in range(R):
-        x = torch.full((K * cx,), -1, dtype=torch.long)
-        x[:N] = torch.randperm(N, generator=g)
-        yy = torch.full((K * cy,), -1, dtype=torch.long)
-        yy[: C - 1] = torch.randperm(C - 1, generator=g) + 1
-        xs.append(x.view(K, cx))
-        ys.append(yy.view(K, cy))
-    xc, yc = torch.stack(xs), torch.stack(ys)
+    h, t, y, xc, yc = _inputs(N=50, C=200, d=8, R=2, K=5, seed=4)
     hc, tc = _leaf(h.to(DEV)), _leaf(t.to(DEV))
     hr, tr = _leaf(h), _leaf(t)
     out = chunk_ce(hc, tc, y.to(DEV), xc.to(DEV), yc.to(DEV), n_extra)
