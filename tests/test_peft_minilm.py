@@ -88,3 +88,5 @@ def test_finetune_command_rejects_bad_settings(capsys):
     assert "density must be in (0, 1]" in capsys.readouterr().err
     assert main(["finetune", "--method", "lora", "nosuch=1"]) == 2
     assert "unknown setting 'nosuch'" in capsys.readouterr().err
+    assert main(["finetune", "--method", "lora", "device=tpu"]) == 2
+    assert "device must be 'cpu', 'cuda' or 'cuda:N'" in capsys.readouterr().err
