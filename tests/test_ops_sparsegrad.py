@@ -105,3 +105,30 @@ def test_sparse_linear_gradient_is_topk_of_rotated_gradient():
     mask[top] = True
     torch.testing.assert_close(got.flatten()[mask], dense.flatten()[mask])
     assert bool((got.flatten()[~mask] == 0).all())
+
+
+@pytest.mark.parametrize("use_reference", [False, True])
+def test_sparse_linear_skips_zero_gradient_rows_exactly(use_reference):
+    """Rows of grad_y that are exactly zero (padding, or all but [CLS]) are dropped before the GEMMs: the
+    selected entries, their values and the bias/input gradients are those of the full computation."""
+    torch.manual_seed(6)
+    N, O, I, k = 12, 9, 7, 11
+    uo, ui = _orth(O, seed=7), _orth(I, seed=8)
+    x = torch.randn(3, N // 3, I, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(O, I, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(O, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(3, N // 3, O, dtype=torch.float64)
+    gy[:, 2:] = 0  # half of the rows carry no gradient
+    y = sparse_linear(x, w, b, (uo @ w @ ui.t()).detach(), uo, ui, k, use_reference=use_reference)
+    y.backward(gy)
+    idx, val = sparsegrad_topk_grad_reference(gy.reshape(N, O), x.detach().reshape(N, I), uo, ui, k)
+    got = w.grad.coalesce()
+    assert torch.equal(got.indices()[0] * I + got.indices()[1], idx)
+    torch.testing.assert_close(got.values(), val, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.grad, gy.reshape(N, O).sum(0))
+    torch.testing.assert_close(x.grad, gy @ (uo @ w.detach() @ ui.t()))
+    # all rows zero: nothing to drop, the gradient is k zero entries
+    w.grad = None
+    sparse_linear(x.detach(), w, None, (uo @ w @ ui.t()).detach(), uo, ui, k).backward(torch.zeros(3, N // 3, O,
+                                                                                                  dtype=torch.float64))
+    assert w.grad.coalesce().values().abs().sum() == 0

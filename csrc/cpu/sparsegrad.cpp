@@ -99,10 +99,8 @@ std::tuple<at::Tensor, at::Tensor> sparsegrad_topk_grad_cpu(const at::Tensor& gr
   check_rotation(u_out_, O, "u_out", x_);
   check_rotation(u_in_, I, "u_in", x_);
   TORCH_CHECK(k >= 1 && k <= O * I, "sparsegrad_topk_grad: k must be in [1, ", O * I, "], got ", k);
-  std::optional<at::Tensor> u_out, u_in;
-  if (u_out_) u_out = u_out_->contiguous();
-  if (u_in_) u_in = u_in_->contiguous();
-  at::Tensor G = rotated_weight_grad(grad_out_, x_, u_out, u_in).contiguous();
+  // the bases go to the GEMMs in whatever layout they are stored (SparseGrad keeps them column-major)
+  at::Tensor G = rotated_weight_grad(grad_out_, x_, u_out_, u_in_).contiguous();
   auto idx = at::empty({k}, x_.options().dtype(at::kLong));
   auto val = at::empty({k}, x_.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, G.scalar_type(), "sparsegrad_topk_grad_cpu", [&] {
@@ -148,7 +146,7 @@ void sparsegrad_rotated_update_cpu(const at::Tensor& weight, const at::Tensor& u
   const auto& slot = by_rows ? row_slot : col_slot;
   const int64_t S = by_rows ? (int64_t)rows.size() : (int64_t)cols.size();
   const int64_t L = by_rows ? I : O;  // length of a T row
-  auto aT = a.t().contiguous();       // row j of aT = column j of a
+  auto aT = a.t().contiguous();       // row j of aT = column j of a (no copy when a is stored column-major)
   auto T = at::zeros({S, L}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparsegrad_rotated_update_cpu", [&] {
     const scalar_t* dp = delta.data_ptr<scalar_t>();

@@ -96,11 +96,17 @@ class _SparseLinear(torch.autograd.Function):
             grad_x = grad_y @ w_eff.to(grad_y.dtype)
         if ctx.needs_input_grad[1]:
             cd = ctx.compute_dtype or g2.dtype
-            x2 = x.reshape(-1, x.shape[-1]).to(cd)
+            x2 = x.reshape(-1, x.shape[-1])
+            # rows whose output gradient is exactly zero add nothing to grad_yᵀ x: drop them before the GEMMs
+            # (padding positions of a masked encoder, and every position but [CLS] in a classifier's last MLP)
+            live = g2.ne(0).any(dim=1)
+            n_live = int(live.sum())
+            if 0 < n_live < g2.size(0):
+                g2, x2 = g2[live], x2[live]
             uo = u_out.to(cd) if u_out is not None else None
             ui = u_in.to(cd) if u_in is not None else None
             fn = sparsegrad_topk_grad_reference if ctx.use_reference else sparsegrad_topk_grad
-            idx, val = fn(g2.to(cd).contiguous(), x2.contiguous(), uo, ui, ctx.k)
+            idx, val = fn(g2.to(cd).contiguous(), x2.to(cd).contiguous(), uo, ui, ctx.k)
             val = val.to(grad_y.dtype)
             cols = ctx.w_shape[1]
             coords = torch.stack([idx // cols, idx % cols])

@@ -23,7 +23,7 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _top_eigvecs(gram: torch.Tensor) -> torch.Tensor:
-    """Orthogonal eigenvectors of a symmetric PSD matrix, columns sorted by decreasing eigenvalue.
+    """Orthogonal eigenvectors of a symmetric PSD matrix, columns sorted by decreasing eigenvalue (column-major).
 
     Diagonalised in float32 (scaled to unit trace): LAPACK's float64 ``syevd`` is several times slower on CPU,
     and float32 eigenvectors are orthogonal to ~1e-6.
@@ -31,7 +31,9 @@ def _top_eigvecs(gram: torch.Tensor) -> torch.Tensor:
     gram = gram.float()
     gram.div_(gram.diagonal().sum().clamp_min(torch.finfo(torch.float32).tiny))
     _, vecs = torch.linalg.eigh(gram)
-    return vecs.flip(-1).contiguous()
+    # stored column-major (its transpose contiguous): the sparse update reads whole columns of the bases
+    # (U[:, j] as a contiguous row of Uᵀ) instead of copying a transposed base on every step
+    return vecs.flip(-1).t().contiguous().t()
 
 
 def calibrate_bases(model: nn.Module, targets: dict[str, list[str]], batches: Iterable[Any], steps: int,
