@@ -132,3 +132,33 @@ def test_sparse_linear_skips_zero_gradient_rows_exactly(use_reference):
     sparse_linear(x.detach(), w, None, (uo @ w @ ui.t()).detach(), uo, ui, k).backward(torch.zeros(3, N // 3, O,
                                                                                                   dtype=torch.float64))
     assert w.grad.coalesce().values().abs().sum() == 0
+
+
+def _topk_abs_with_ties(v: torch.Tensor, k: int):
+    """Reference selection: every |v| above the k-th largest, then ties at it in index order."""
+    a = v.float().abs()
+    thr = torch.topk(a, k).values[-1]
+    above = (a > thr).nonzero().flatten()
+    ties = (a == thr).nonzero().flatten()[: k - above.numel()]
+    return torch.cat([above, ties]).sort().values
+
+
+@pytest.mark.parametrize("case", ["float32", "bfloat16_ties", "sample_bound_too_high"])
+def test_topk_grad_large_matrix_selection(case):
+    """Matrices large enough for the sampled threshold (O*I >= 65,536): exact selection, ties in index order, and
+    the fallback when the sample's bound lets fewer than k entries through."""
+    torch.manual_seed(9)
+    O, I = 512, 256
+    n = O * I
+    if case == "float32":
+        G, k = torch.randn(O, I), 1000
+    elif case == "bfloat16_ties":
+        G, k = torch.randn(O, I).bfloat16(), 3000  # 8-bit mantissas: many equal magnitudes
+    else:  # the sampled positions all hold the largest value, but there are fewer of them than k
+        G, k = torch.rand(O, I) * 0.01, 10000
+        G.view(-1)[:: n // 8192] = 10.0
+    eye = torch.eye(O, dtype=G.dtype)
+    idx, val = sparsegrad_topk_grad(eye, G, None, None, k)  # grad_outᵀ x with grad_out = I is x itself
+    want = _topk_abs_with_ties(G.flatten(), k)
+    assert torch.equal(idx, want)
+    assert torch.equal(val, G.flatten()[want])
