@@ -33,8 +33,12 @@ PAPER = {  # Pythia-160M, the papers' smallest model, token accuracy 0.99
 }
 
 
+def _text_ids(lm) -> list[int]:
+    return lm.encode(TEXT.read_text())
+
+
 def passages(lm, n_passages: int, max_len: int, first: int = 0) -> list[list[int]]:
-    ids = lm.encode(TEXT.read_text())
+    ids = _text_ids(lm)
     out = [ids[1000 + 500 * i: 1000 + 500 * i + max_len] for i in range(first, first + n_passages)]
     assert all(len(p) == max_len for p in out), "bundled text too short for these passages"
     return out
@@ -42,7 +46,7 @@ def passages(lm, n_passages: int, max_len: int, first: int = 0) -> list[list[int
 
 def corpus(lm, n_passages: int, n_texts: int, n_tokens: int) -> list[list[int]]:
     """``n_texts`` consecutive ``n_tokens``-token texts after the test passages' region (no overlap with them)."""
-    ids = lm.encode(TEXT.read_text())
+    ids = _text_ids(lm)
     start = 1000 + 500 * n_passages
     out = [ids[start + n_tokens * i: start + n_tokens * (i + 1)] for i in range(n_texts)]
     if len(out[-1]) != n_tokens:
@@ -222,9 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     if lm.device.type == "cuda":
         figures["gpu"] = torch.cuda.get_device_name(lm.device)
 
-    def save_partial(*_):  # an interrupted run keeps what it measured
+    def save_partial():  # an interrupted run keeps what it measured
         if args.json_out:
             Path(args.json_out).write_text(json.dumps({**figures, "partial": True}) + "\n")
+
+    def rung_done(mode: str, per_length: dict) -> None:
+        figures[f"partial_{mode}"] = per_length
+        save_partial()
 
     cfg = FitConfig(**{"max_steps": args.max_steps, **fit_overrides})
     if "capacity" in sections:
@@ -233,12 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             shared = None
             if mode == "shared-m":
-                corpus_src = corpus(lm, max(5, args.first_passage + args.passages), args.shared_corpus,
-                                    args.shared_tokens)
                 if args.shared_m_in:  # an m fitted by an earlier run (its figures are in that run's JSON)
                     shared = torch.load(args.shared_m_in)
                     figures["shared_m_fit"] = {"from": args.shared_m_in}
                 else:
+                    corpus_src = corpus(lm, max(5, args.first_passage + args.passages), args.shared_corpus,
+                                        args.shared_tokens)
                     sh = fit_shared_m(lm, corpus_src, steps=args.shared_steps, batch_size=args.shared_batch)
                     shared = sh.m
                     figures["shared_m_fit"] = {"corpus": len(corpus_src), "tokens": args.shared_tokens,
@@ -251,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 save_partial()
             figures[f"capacity_{mode}"] = capacity(
                 lm, "ar" if mode == "ar" else "one-step", lengths, texts, cfg, shared_m=shared, log=log,
-                on_length=lambda per, mode=mode: save_partial(figures.__setitem__(f"partial_{mode}", per)))
+                on_length=lambda per, mode=mode: rung_done(mode, per))
             figures.pop(f"partial_{mode}", None)
             save_partial()
     if "throughput" in sections:

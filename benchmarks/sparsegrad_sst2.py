@@ -149,9 +149,10 @@ def main() -> int:
             if args.out:  # partial results survive an interrupted run
                 with open(args.out, "w") as f:
                     json.dump({"partial": True, "settings": base, "runs": runs}, f, indent=1, default=str)
+            gpu = f" cuda_peak={r['cuda_train_peak_mb']:.0f}MB" if "cuda_train_peak_mb" in r else ""
             print(f"[{time.time() - t0:6.0f}s] seed={seed} {m:10s} {extra} steps/s={r['steps_per_s']:.3f} "
-                  f"peak_rss={r['peak_rss_mb']:.0f}MB cuda_peak={r.get('cuda_train_peak_mb', 0):.0f}MB train_mem={r['peak_rss_mb'] - r['rss_after_load_mb']:.0f}MB",
-                  file=sys.stderr, flush=True)
+                  f"peak_rss={r['peak_rss_mb']:.0f}MB{gpu} "
+                  f"train_mem={r['peak_rss_mb'] - r['rss_after_load_mb']:.0f}MB", file=sys.stderr, flush=True)
     summary = summarize(runs, metric)
     out = {"benchmark": "sparsegrad_lm" if args.lm else "sparsegrad_sst2", "quick": args.quick,
            "settings": base, "seeds": seeds, "summary": summary, "wall_s": time.time() - t0}

@@ -182,9 +182,8 @@ def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, 
     sm = None if shared_m is None else shared_m.detach().to(dev, dt).view(d)
     targets_dev = targets.to(dev)
     b1, b2 = cfg.betas
-    patience = [restart_patience_for(cfg, len(t)) for t in token_lists]
-    patience = None if all(p is None for p in patience) else torch.tensor(
-        [p if p is not None else torch.iinfo(torch.long).max for p in patience], dtype=torch.long)
+    patience = [restart_patience_for(cfg, len(t)) for t in token_lists]  # all None when restarts are off
+    patience = None if None in patience else torch.tensor(patience, dtype=torch.long)
 
     while bool(active.any()):
         t0 = time.perf_counter()
