@@ -55,26 +55,39 @@ def corpus(lm, n_passages: int, n_texts: int, n_tokens: int) -> list[list[int]]:
 
 
 def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, shared_m=None, log=print,
-             on_length=None) -> dict:
+             on_length=None, warm: bool = False) -> dict:
+    """The ladder. ``warm``: each rung starts from the vectors of the rung below (the curriculum of
+    ``FitConfig.grow_from`` with the ladder's lengths as its stages); its "steps"/"seconds" are then the rung's
+    own and "steps_total"/"seconds_total" include the rungs below."""
     from scalerec.llm import fit_ar, fit_one_step
 
     per_len = {}
     alive = list(range(len(texts)))  # texts still exact at every length so far
     best = {i: 0 for i in range(len(texts))}
+    vecs: dict = {}
+    spent = {i: (0, 0.0) for i in range(len(texts))}
     for n in lengths:
         if not alive:
             break
         toks = [texts[i][:n] for i in alive]
+        init = torch.stack([vecs[i] for i in alive]) if warm and vecs else None
         t0 = time.perf_counter()
         if mode == "ar":
-            res = fit_ar(lm, toks, n_mem=1, config=cfg)
+            res = fit_ar(lm, toks, n_mem=1, config=cfg, init=init)
         else:
-            res = fit_one_step(lm, toks, cfg, shared_m=shared_m)
+            res = fit_one_step(lm, toks, cfg, shared_m=shared_m, init=init)
         wall = time.perf_counter() - t0
         per_len[n] = {"texts": len(toks), "exact": sum(r.accuracy == 1.0 for r in res),
                       "accuracy": [round(r.accuracy, 4) for r in res], "steps": [r.steps for r in res],
                       "seconds": [round(r.seconds, 1) for r in res], "restarts": [r.restarts for r in res],
                       "wall_seconds": round(wall, 1)}
+        for i, r in zip(alive, res):
+            vecs[i] = r.vectors
+            spent[i] = (spent[i][0] + r.steps, spent[i][1] + r.seconds)
+        if warm:
+            per_len[n]["warm_start"] = init is not None
+            per_len[n]["steps_total"] = [spent[i][0] for i in alive]
+            per_len[n]["seconds_total"] = [round(spent[i][1], 1) for i in alive]
         log(f"[{mode}] N={n}: {per_len[n]}")
         if on_length is not None:
             on_length(per_len)
@@ -87,7 +100,7 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
     caps = list(best.values())
     return {"per_length": per_len, "capacity_per_text": caps, "capacity_best": max(caps),
             "capacity_mean": sum(caps) / len(caps), "budget_steps": cfg.max_steps,
-            "untested_above": max(lengths)}
+            "untested_above": max(lengths), "warm_ladder": warm}
 
 
 def throughput(lm, cfg, batch_sizes=(1, 8, 32), n_tokens: int = 16, steps: int = 3, log=print) -> dict:
@@ -194,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", nargs="+", default=None, metavar="JSON",
                     help="only plot steps-to-exact vs N from these --json-out files (to --plot-out) and exit")
     ap.add_argument("--plot-out", default="llm_capacity_steps.png")
+    ap.add_argument("--warm-ladder", action="store_true",
+                    help="start each rung of the capacity ladder from the rung below's vectors (a curriculum)")
     ap.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE",
                     help="a FitConfig setting for the capacity fits, e.g. --fit restart_patience=400 (repeatable)")
     args = ap.parse_args(argv)
@@ -259,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 save_partial()
             figures[f"capacity_{mode}"] = capacity(
                 lm, "ar" if mode == "ar" else "one-step", lengths, texts, cfg, shared_m=shared, log=log,
-                on_length=lambda per, mode=mode: rung_done(mode, per))
+                on_length=lambda per, mode=mode: rung_done(mode, per), warm=args.warm_ladder)
             figures.pop(f"partial_{mode}", None)
             save_partial()
     if "throughput" in sections:

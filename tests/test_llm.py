@@ -131,3 +131,44 @@ def test_restart_patience_grows_with_the_text_length():
     for bad in (-1, "sometimes", 1.5, True):
         with pytest.raises(ValueError, match="restart_patience"):
             FitConfig(restart_patience=bad)
+
+
+def test_prefix_stages_and_grow_from_validation():
+    from scalerec.llm.fitting import prefix_stages
+
+    assert prefix_stages(16, None) == [16] and prefix_stages(16, 0) == [16] and prefix_stages(6, 8) == [6]
+    assert prefix_stages(16, 4) == [4, 8, 16]
+    assert prefix_stages(20, 8) == [8, 16, 20]
+    assert prefix_stages(128, 16) == [16, 32, 64, 128]
+    for bad in (-1, 2.5, "16", True):
+        with pytest.raises(ValueError, match="grow_from"):
+            FitConfig(grow_from=bad)
+
+
+@pytest.mark.parametrize("mode", ["one-step", "ar"])
+def test_growing_fit_warm_starts_each_stage_from_the_last(lm, mode):
+    """grow_from=4: a 3-token text is fitted in one stage, a 12-token text through prefixes of 4, 8 and 12 tokens;
+    each stage starts from the vectors that reproduce the previous prefix, so its first step already gets that
+    prefix right (causal reading), and the result counts the steps of all its stages."""
+    short, long_ = passage_ids(lm, 3, 0), passage_ids(lm, 12, 1)
+    cfg = FitConfig(grow_from=4)
+    done = []
+    fit = (lambda t: fit_one_step(lm, t, cfg, record_history=True, progress=lambda **kw: done.append(kw))) \
+        if mode == "one-step" else \
+        (lambda t: fit_ar(lm, t, n_mem=1, config=cfg, record_history=True, progress=lambda **kw: done.append(kw)))
+    res = fit([short, long_])
+    assert [r.accuracy for r in res] == [1.0, 1.0]
+    assert [r.token_ids for r in res] == [short, long_]
+    assert [len(r.history) for r in res] == [r.steps for r in res]
+    # the stages end where the (per-stage) fit reached accuracy 1.0
+    ends = [i for i, a in enumerate(res[1].history) if a == 1.0]
+    assert len(ends) == 3 and ends[-1] == len(res[1].history) - 1, res[1].history
+    # stage 2 (8 tokens) starts from stage 1's exact 4-token vectors: >= 4 of 8 right at its first step; stage 3
+    # (12 tokens) starts with >= 8 of 12 right
+    assert res[1].history[ends[0] + 1] >= 4 / 8 and res[1].history[ends[1] + 1] >= 8 / 12
+    assert res[0].steps == len(res[0].history) and max(res[0].history) == 1.0
+    assert sum(d["n_done"] for d in done) == 2 and sum(d["tokens"] for d in done) == 15
+    if mode == "one-step":
+        assert decode_one_step(lm, torch.stack([r.vectors for r in res]), [3, 12]) == [short, long_]
+    else:
+        assert [decode_ar(lm, r.vectors, n)[0] for r, n in zip(res, (3, 12))] == [short, long_]

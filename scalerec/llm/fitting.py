@@ -51,11 +51,17 @@ class FitConfig:
                                      # confidence stop pulling, the gradient goes to the ones still wrong
     restart_patience: int | str | None = "auto"  # re-initialise a text whose best accuracy has not improved for
                                      # this many steps; "auto": restart_patience_for(n_tokens); None or 0: never
+    grow_from: int | None = None     # curriculum: fit the text's first grow_from tokens, then 2x, 4x, ... and
+                                     # finally all of it, each stage warm-started from the last one's vectors
+                                     # (max_steps is then a per-stage budget); None or 0: fit the whole text at once
 
     def __post_init__(self):
         p = self.restart_patience
         if not (p is None or p == "auto" or (isinstance(p, int) and not isinstance(p, bool) and p >= 0)):
             raise ValueError(f"restart_patience must be 'auto', an int >= 0 or None (off), got {p!r}")
+        g = self.grow_from
+        if not (g is None or (isinstance(g, int) and not isinstance(g, bool) and g >= 0)):
+            raise ValueError(f"grow_from must be an int >= 1 (first stage's tokens), or None / 0 (off), got {g!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -277,6 +283,60 @@ def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, 
     return out
 
 
+def prefix_stages(n_tokens: int, grow_from: int | None) -> list[int]:
+    """Prefix lengths of a growing fit: ``grow_from``, doubled while shorter than ``n_tokens``, then ``n_tokens``."""
+    if not grow_from or n_tokens <= grow_from:
+        return [n_tokens]
+    out, n = [], int(grow_from)
+    while n < n_tokens:
+        out.append(n)
+        n *= 2
+    return out + [n_tokens]
+
+
+def _fit_growing(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, cfg: FitConfig,
+                 shared_m: torch.Tensor | None = None, init: torch.Tensor | None = None,
+                 record_history: bool = False, progress=None) -> list[FitResult]:
+    """``_fit`` through growing prefixes (``cfg.grow_from``): stage s fits every text's first ``L_s`` tokens
+    (all of it when shorter), warm-started from its vectors of stage s - 1. Both modes read the text causally, so
+    vectors that reproduce a prefix are already a partial solution for the longer text. A text takes part in the
+    stages up to the first that covers it whole; its result sums the steps, seconds and restarts of its stages
+    and keeps the last stage's vectors, accuracy and loss. ``max_steps`` applies to each stage."""
+    stages = prefix_stages(max(len(t) for t in token_lists), cfg.grow_from)
+    if len(stages) == 1:
+        return _fit(lm, token_lists, n_vectors, mode, cfg, shared_m=shared_m, init=init,
+                    record_history=record_history, progress=progress)
+    B, d = len(token_lists), lm.hidden_size
+    vecs = None if init is None else init.detach().float().cpu().reshape(B, n_vectors, d).clone()
+    results: list[FitResult | None] = [None] * B
+    prev = 0
+    for L in stages:
+        part = [i for i, t in enumerate(token_lists) if len(t) > prev]
+        if not part:
+            break
+        start = None if vecs is None else vecs[part]  # None: the first stage initialises as _fit does
+        res = _fit(lm, [token_lists[i][:L] for i in part], n_vectors, mode, cfg, shared_m=shared_m, init=start,
+                   record_history=record_history)
+        if vecs is None:
+            vecs = torch.zeros(B, n_vectors, d)
+        for i, r in zip(part, res):
+            vecs[i] = r.vectors
+            old = results[i]
+            if old is not None:
+                r.steps += old.steps
+                r.seconds += old.seconds
+                r.restarts += old.restarts
+                r.history = old.history + r.history
+            r.token_ids = list(token_lists[i])
+            results[i] = r
+        if progress is not None:
+            fin = [i for i in part if len(token_lists[i]) <= L]
+            progress(n_done=len(fin), tokens=sum(len(token_lists[i]) for i in fin),
+                     n_active=sum(len(t) > L for t in token_lists))
+        prev = L
+    return results
+
+
 def _as_token_lists(lm: LoadedLM, texts) -> list[list[int]]:
     if isinstance(texts, str):
         texts = [texts]
@@ -300,8 +360,8 @@ def fit_one_step(lm: LoadedLM, texts, config: FitConfig | None = None, shared_m:
     cfg = config or FitConfig()
     toks = _as_token_lists(lm, texts)
     n = 1 if shared_m is not None else 2
-    return _fit(lm, toks, n, "one-step", cfg, shared_m=shared_m, init=init, record_history=record_history,
-                progress=progress)
+    return _fit_growing(lm, toks, n, "one-step", cfg, shared_m=shared_m, init=init, record_history=record_history,
+                        progress=progress)
 
 
 def fit_ar(lm: LoadedLM, texts, n_mem: int = 1, config: FitConfig | None = None, init: torch.Tensor | None = None,
@@ -309,4 +369,4 @@ def fit_ar(lm: LoadedLM, texts, n_mem: int = 1, config: FitConfig | None = None,
     """Fit ``n_mem`` [mem] vectors per text, prepended to the teacher-forced text (autoregressive decoding)."""
     cfg = config or FitConfig()
     toks = _as_token_lists(lm, texts)
-    return _fit(lm, toks, n_mem, "ar", cfg, init=init, record_history=record_history, progress=progress)
+    return _fit_growing(lm, toks, n_mem, "ar", cfg, init=init, record_history=record_history, progress=progress)
