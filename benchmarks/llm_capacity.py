@@ -160,10 +160,13 @@ def plot_steps(files: list[str], out: str) -> dict:
                 continue
             mode = key.split("_", 1)[1]
             for n, row in val.get("per_length", val).items():
-                for steps, acc in zip(row["steps"], row["accuracy"]):
-                    pts.setdefault((mode, where, acc == 1.0), []).append((int(n), steps))
+                # a warm ladder's rung: its steps to exact include the rungs below (steps_total)
+                m = mode + (", warm ladder" if "steps_total" in row else "")
+                for steps, acc in zip(row.get("steps_total", row["steps"]), row["accuracy"]):
+                    pts.setdefault((m, where, acc == 1.0), []).append((int(n), steps))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    colors = {"one-step": "tab:blue", "ar": "tab:orange", "shared-m": "tab:green"}
+    colors = {"one-step": "tab:blue", "ar": "tab:orange", "shared-m": "tab:green",
+              "one-step, warm ladder": "tab:purple", "ar, warm ladder": "tab:red"}
     for (mode, where, exact), xy in sorted(pts.items()):
         xs, ys = zip(*xy)
         ax.scatter(xs, ys, c=colors.get(mode, "gray"), marker=("o" if where == "CPU" else "s") if exact else "x",

@@ -6,7 +6,9 @@
 #   4. the LLM capacity ladders on the GPU (benchmarks/llm_capacity.py): one-step, AR and shared m, as three
 #      processes sharing the GPU (per-text seconds are therefore those of a shared GPU).
 #
-#   OUT=gpu_out [MINILM=model_folder] [SMOLLM=file.gguf] [SKIP="sparsegrad llm"] bash scripts/gpu_checks.sh
+#   OUT=gpu_out [MINILM=model_folder] [SMOLLM=file.gguf] [SKIP="sparsegrad llm"] [LLM_WARM=1] bash scripts/gpu_checks.sh
+#
+# LLM_WARM=1 starts each capacity rung from the rung below's vectors (llm_capacity.py --warm-ladder).
 #
 # Everything lands in $OUT: log.txt, sparsegrad.json, cap_{one,ar,shared}.{json,log} (the build log: $BUILD_LOG).
 set -uo pipefail
@@ -52,6 +54,7 @@ if [[ " $SKIP " != *" llm "* ]]; then
   say "llm_capacity: one-step, ar, shared-m in parallel (timeout ${LLM_TIMEOUT}s each)"
   common=(--model "$SMOLLM" --device cuda --dtype float32 --tf32 --sections capacity --passages 5
           --max-steps "$LLM_STEPS" --fit restart_patience=0)
+  [ -n "${LLM_WARM:-}" ] && common+=(--warm-ladder)
   timeout "$LLM_TIMEOUT" $PY benchmarks/llm_capacity.py "${common[@]}" --modes one-step --lengths ${ONE_LENGTHS:-64,128,192,256} \
     --json-out "$OUT/cap_one.json" >"$OUT/cap_one.log" 2>&1 &
   timeout "$LLM_TIMEOUT" $PY benchmarks/llm_capacity.py "${common[@]}" --modes ar --lengths ${AR_LENGTHS:-32,64,80,96,128} \
