@@ -115,6 +115,11 @@ def test_bad_input_is_a_clear_error(lm):
         fit_one_step(lm, [too_long])
     with pytest.raises(ValueError, match="exceed the model context"):
         fit_ar(lm, [[1] * lm.max_positions], n_mem=1)
+    grow = FitConfig(grow_from=2)  # checked on the whole texts before the first (short) stage
+    with pytest.raises(ValueError, match="text 1: empty"):
+        fit_one_step(lm, [[1, 2, 3], []], grow)
+    with pytest.raises(ValueError, match="exceed the model context"):
+        fit_ar(lm, [[1, 2, 3], [1] * lm.max_positions], n_mem=1, config=grow)
     with pytest.raises(ValueError, match="vectors must be"):
         decode_one_step(lm, torch.zeros(2, 7), 4)
 
