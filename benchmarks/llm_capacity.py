@@ -164,7 +164,7 @@ def plot_steps(files: list[str], out: str) -> dict:
                 m = mode + (", warm ladder" if "steps_total" in row else "")
                 for steps, acc in zip(row.get("steps_total", row["steps"]), row["accuracy"]):
                     pts.setdefault((m, where, acc == 1.0), []).append((int(n), steps))
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
     colors = {"one-step": "tab:blue", "ar": "tab:orange", "shared-m": "tab:green",
               "one-step, warm ladder": "tab:purple", "ar, warm ladder": "tab:red"}
     for (mode, where, exact), xy in sorted(pts.items()):
@@ -178,7 +178,7 @@ def plot_steps(files: list[str], out: str) -> dict:
     ax.set_xlabel("tokens N")
     ax.set_ylabel("steps to 100 % token accuracy")
     ax.set_title("SmolLM2-135M: steps per text to an exact fit")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hidden
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     return {f"{m}|{w}|{'exact' if e else 'missed'}": len(v) for (m, w, e), v in pts.items()}
