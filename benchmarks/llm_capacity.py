@@ -70,7 +70,7 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
         if not alive:
             break
         toks = [texts[i][:n] for i in alive]
-        init = torch.stack([vecs[i] for i in alive]) if warm and vecs else None
+        init = torch.stack([vecs[i] for i in alive]) if vecs else None  # vecs is only filled when warm
         t0 = time.perf_counter()
         if mode == "ar":
             res = fit_ar(lm, toks, n_mem=1, config=cfg, init=init)
@@ -81,10 +81,10 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
                       "accuracy": [round(r.accuracy, 4) for r in res], "steps": [r.steps for r in res],
                       "seconds": [round(r.seconds, 1) for r in res], "restarts": [r.restarts for r in res],
                       "wall_seconds": round(wall, 1)}
-        for i, r in zip(alive, res):
-            vecs[i] = r.vectors
-            spent[i] = (spent[i][0] + r.steps, spent[i][1] + r.seconds)
         if warm:
+            for i, r in zip(alive, res):
+                vecs[i] = r.vectors
+                spent[i] = (spent[i][0] + r.steps, spent[i][1] + r.seconds)
             per_len[n]["warm_start"] = init is not None
             per_len[n]["steps_total"] = [spent[i][0] for i in alive]
             per_len[n]["seconds_total"] = [round(spent[i][1], 1) for i in alive]

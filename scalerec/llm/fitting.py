@@ -302,11 +302,11 @@ def _fit_growing(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mod
     vectors that reproduce a prefix are already a partial solution for the longer text. A text takes part in the
     stages up to the first that covers it whole; its result sums the steps, seconds and restarts of its stages
     and keeps the last stage's vectors, accuracy and loss. ``max_steps`` applies to each stage."""
-    _check_tokens(lm, token_lists, n_vectors if mode == "ar" else 0)  # the whole texts, before any stage runs
     stages = prefix_stages(max(len(t) for t in token_lists), cfg.grow_from)
-    if len(stages) == 1:
+    if len(stages) == 1:  # _fit checks the texts itself
         return _fit(lm, token_lists, n_vectors, mode, cfg, shared_m=shared_m, init=init,
                     record_history=record_history, progress=progress)
+    _check_tokens(lm, token_lists, n_vectors if mode == "ar" else 0)  # the whole texts, before the short stages
     B, d = len(token_lists), lm.hidden_size
     vecs = None if init is None else init.detach().float().cpu().reshape(B, n_vectors, d).clone()
     results: list[FitResult | None] = [None] * B
