@@ -55,11 +55,12 @@ def corpus(lm, n_passages: int, n_texts: int, n_tokens: int) -> list[list[int]]:
 
 
 def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, shared_m=None, log=print,
-             on_length=None, warm: bool = False) -> dict:
+             on_length=None, warm: bool = False, vectors_out: dict | None = None) -> dict:
     """The ladder. ``warm``: each rung starts from the vectors of the rung below (the curriculum of
     ``FitConfig.grow_from`` with the ladder's lengths as its stages); its "steps"/"seconds" are then the rung's
-    own and "steps_total"/"seconds_total" include the rungs below."""
-    from scalerec.llm import fit_ar, fit_one_step
+    own and "steps_total"/"seconds_total" include the rungs below. ``vectors_out``: filled with {N: {passage index:
+    fitted vectors}}. "decoded_exact" counts the texts regenerated exactly from their vectors alone."""
+    from scalerec.llm import decode, fit_ar, fit_one_step
 
     per_len = {}
     alive = list(range(len(texts)))  # texts still exact at every length so far
@@ -77,7 +78,14 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
         else:
             res = fit_one_step(lm, toks, cfg, shared_m=shared_m, init=init)
         wall = time.perf_counter() - t0
+        # the claim checked the way a user reads it back: decode (one forward pass / greedy generation) from the
+        # fitted vectors alone and compare with the text
+        dec = decode(lm, torch.stack([r.vectors for r in res]), [len(t) for t in toks],
+                     mode="ar" if mode == "ar" else "one-step", shared_m=shared_m)
+        if vectors_out is not None:
+            vectors_out.setdefault(n, {}).update({i: r.vectors for i, r in zip(alive, res)})
         per_len[n] = {"texts": len(toks), "exact": sum(r.accuracy == 1.0 for r in res),
+                      "decoded_exact": sum(d_ == t for d_, t in zip(dec, toks)),
                       "accuracy": [round(r.accuracy, 4) for r in res], "steps": [r.steps for r in res],
                       "seconds": [round(r.seconds, 1) for r in res], "restarts": [r.restarts for r in res],
                       "wall_seconds": round(wall, 1)}
@@ -212,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot-out", default="llm_capacity_steps.png")
     ap.add_argument("--warm-ladder", action="store_true",
                     help="start each rung of the capacity ladder from the rung below's vectors (a curriculum)")
+    ap.add_argument("--vectors-out", default=None,
+                    help="save the fitted vectors here (torch.save: {mode: {N: {passage: tensor}}})")
     ap.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE",
                     help="a FitConfig setting for the capacity fits, e.g. --fit restart_patience=400 (repeatable)")
     args = ap.parse_args(argv)
@@ -253,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         save_partial()
 
     cfg = FitConfig(**{"max_steps": args.max_steps, **fit_overrides})
+    saved: dict = {}
     if "capacity" in sections:
         texts = passages(lm, args.passages, max(lengths), first=args.first_passage)
         figures["passages"] = list(range(args.first_passage, args.first_passage + args.passages))
@@ -275,11 +286,17 @@ def main(argv: list[str] | None = None) -> int:
                         torch.save(shared, args.shared_m_out)
                 log(f"[shared-m] {figures['shared_m_fit']}")
                 save_partial()
+            vecs: dict = {}
             figures[f"capacity_{mode}"] = capacity(
                 lm, "ar" if mode == "ar" else "one-step", lengths, texts, cfg, shared_m=shared, log=log,
-                on_length=lambda per, mode=mode: rung_done(mode, per), warm=args.warm_ladder)
+                on_length=lambda per, mode=mode: rung_done(mode, per), warm=args.warm_ladder, vectors_out=vecs)
             figures.pop(f"partial_{mode}", None)
             save_partial()
+            if args.vectors_out:
+                saved[mode] = {n: {args.first_passage + i: v for i, v in per.items()} for n, per in vecs.items()}
+                if shared is not None:
+                    saved["shared_m"] = shared
+                torch.save(saved, args.vectors_out)
     if "throughput" in sections:
         tp = throughput(lm, cfg, batch_sizes=(1, 4) if args.quick else (1, 8, 32), steps=2 if args.quick else 3, log=log)
         mean_steps = None
