@@ -37,9 +37,12 @@ def _text_ids(lm) -> list[int]:
     return lm.encode(TEXT.read_text())
 
 
-def passages(lm, n_passages: int, max_len: int, first: int = 0) -> list[list[int]]:
-    ids = _text_ids(lm)
-    out = [ids[1000 + 500 * i: 1000 + 500 * i + max_len] for i in range(first, first + n_passages)]
+def passages(lm, n_passages: int, max_len: int, first: int = 0, ids: list[int] | None = None) -> list[list[int]]:
+    """Passages ``first .. first + n_passages - 1`` (or exactly the passage numbers ``ids``), ``max_len`` tokens
+    each; passage i starts at token 1000 + 500 i of the bundled text."""
+    text = _text_ids(lm)
+    which = ids if ids is not None else range(first, first + n_passages)
+    out = [text[1000 + 500 * i: 1000 + 500 * i + max_len] for i in which]
     assert all(len(p) == max_len for p in out), "bundled text too short for these passages"
     return out
 
@@ -201,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", default="16,32,64,128")
     ap.add_argument("--passages", type=int, default=5)
     ap.add_argument("--first-passage", type=int, default=0, help="index of the first passage (split a run in parts)")
+    ap.add_argument("--passage-ids", default=None,
+                    help="comma-separated passage numbers to fit (instead of --passages/--first-passage)")
     ap.add_argument("--max-steps", type=int, default=1500)
     ap.add_argument("--shared-corpus", type=int, default=16, help="texts the shared m is fitted on (other passages)")
     ap.add_argument("--shared-steps", type=int, default=400)
@@ -237,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     from scalerec.overrides import parse_key_values
 
     fit_overrides = fit_kwargs(parse_key_values(args.fit, "--fit"))  # bad settings fail before the model loads
+    try:
+        pids = [int(x) for x in args.passage_ids.split(",")] if args.passage_ids else None
+    except ValueError:
+        ap.error(f"--passage-ids: comma-separated ints expected, got {args.passage_ids!r}")
+    if pids is not None and (not pids or min(pids) < 0 or len(set(pids)) != len(pids)):
+        ap.error(f"--passage-ids: distinct passage numbers >= 0 expected, got {args.passage_ids!r}")
 
     sections = (args.sections or ("capacity,throughput" if args.quick else "capacity,throughput,ray")).split(",")
     modes = args.modes.split(",")
@@ -265,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = FitConfig(**{"max_steps": args.max_steps, **fit_overrides})
     saved: dict = {}
     if "capacity" in sections:
-        texts = passages(lm, args.passages, max(lengths), first=args.first_passage)
-        figures["passages"] = list(range(args.first_passage, args.first_passage + args.passages))
+        numbers = pids or list(range(args.first_passage, args.first_passage + args.passages))
+        texts = passages(lm, len(numbers), max(lengths), ids=numbers)
+        figures["passages"] = numbers
         for mode in modes:
             shared = None
             if mode == "shared-m":
@@ -274,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                     shared = torch.load(args.shared_m_in)
                     figures["shared_m_fit"] = {"from": args.shared_m_in}
                 else:
-                    corpus_src = corpus(lm, max(5, args.first_passage + args.passages), args.shared_corpus,
+                    corpus_src = corpus(lm, max(5, max(numbers) + 1), args.shared_corpus,
                                         args.shared_tokens)
                     sh = fit_shared_m(lm, corpus_src, steps=args.shared_steps, batch_size=args.shared_batch)
                     shared = sh.m
@@ -293,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             figures.pop(f"partial_{mode}", None)
             save_partial()
             if args.vectors_out:
-                saved[mode] = {n: {args.first_passage + i: v for i, v in per.items()} for n, per in vecs.items()}
+                saved[mode] = {n: {numbers[i]: v for i, v in per.items()} for n, per in vecs.items()}
                 if shared is not None:
                     saved["shared_m"] = shared
                 torch.save(saved, args.vectors_out)
