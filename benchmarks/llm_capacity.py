@@ -37,12 +37,11 @@ def _text_ids(lm) -> list[int]:
     return lm.encode(TEXT.read_text())
 
 
-def passages(lm, n_passages: int, max_len: int, first: int = 0, ids: list[int] | None = None) -> list[list[int]]:
-    """Passages ``first .. first + n_passages - 1`` (or exactly the passage numbers ``ids``), ``max_len`` tokens
-    each; passage i starts at token 1000 + 500 i of the bundled text."""
+def passages(lm, numbers, max_len: int) -> list[list[int]]:
+    """The passages with these numbers, ``max_len`` tokens each; passage i starts at token 1000 + 500 i of the
+    bundled text."""
     text = _text_ids(lm)
-    which = ids if ids is not None else range(first, first + n_passages)
-    out = [text[1000 + 500 * i: 1000 + 500 * i + max_len] for i in which]
+    out = [text[1000 + 500 * i: 1000 + 500 * i + max_len] for i in numbers]
     assert all(len(p) == max_len for p in out), "bundled text too short for these passages"
     return out
 
@@ -68,13 +67,13 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
     per_len = {}
     alive = list(range(len(texts)))  # texts still exact at every length so far
     best = {i: 0 for i in range(len(texts))}
-    vecs: dict = {}
+    prev: dict = {}  # the rung below's vectors by text (kept only when warm)
     spent = {i: (0, 0.0) for i in range(len(texts))}
     for n in lengths:
         if not alive:
             break
         toks = [texts[i][:n] for i in alive]
-        init = torch.stack([vecs[i] for i in alive]) if vecs else None  # vecs is only filled when warm
+        init = torch.stack([prev[i] for i in alive]) if prev else None
         t0 = time.perf_counter()
         if mode == "ar":
             res = fit_ar(lm, toks, n_mem=1, config=cfg, init=init)
@@ -83,18 +82,19 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
         wall = time.perf_counter() - t0
         # the claim checked the way a user reads it back: decode (one forward pass / greedy generation) from the
         # fitted vectors alone and compare with the text
-        dec = decode(lm, torch.stack([r.vectors for r in res]), [len(t) for t in toks],
+        rung = {i: r.vectors for i, r in zip(alive, res)}
+        dec = decode(lm, torch.stack(list(rung.values())), [len(t) for t in toks],
                      mode="ar" if mode == "ar" else "one-step", shared_m=shared_m)
         if vectors_out is not None:
-            vectors_out.setdefault(n, {}).update({i: r.vectors for i, r in zip(alive, res)})
+            vectors_out[n] = rung
         per_len[n] = {"texts": len(toks), "exact": sum(r.accuracy == 1.0 for r in res),
                       "decoded_exact": sum(d_ == t for d_, t in zip(dec, toks)),
                       "accuracy": [round(r.accuracy, 4) for r in res], "steps": [r.steps for r in res],
                       "seconds": [round(r.seconds, 1) for r in res], "restarts": [r.restarts for r in res],
                       "wall_seconds": round(wall, 1)}
         if warm:
+            prev = rung
             for i, r in zip(alive, res):
-                vecs[i] = r.vectors
                 spent[i] = (spent[i][0] + r.steps, spent[i][1] + r.seconds)
             per_len[n]["warm_start"] = init is not None
             per_len[n]["steps_total"] = [spent[i][0] for i in alive]
@@ -119,7 +119,7 @@ def throughput(lm, cfg, batch_sizes=(1, 8, 32), n_tokens: int = 16, steps: int =
     that follows from the measured mean steps per text at this length."""
     from scalerec.llm import FitConfig, fit_one_step
 
-    src = passages(lm, max(batch_sizes), n_tokens)
+    src = passages(lm, range(max(batch_sizes)), n_tokens)
     out = {}
     for b in batch_sizes:
         c = FitConfig(**{**cfg.to_dict(), "max_steps": steps, "target_accuracy": 2.0})
@@ -139,7 +139,7 @@ def ray_scaling(model: str, n_texts: int, n_tokens: int, steps: int, log=print) 
     from scalerec.llm import load_causal_lm
 
     lm = load_causal_lm(model)
-    ids = passages(lm, n_texts, n_tokens)
+    ids = passages(lm, range(n_texts), n_tokens)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "in.jsonl"
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     saved: dict = {}
     if "capacity" in sections:
         numbers = pids or list(range(args.first_passage, args.first_passage + args.passages))
-        texts = passages(lm, len(numbers), max(lengths), ids=numbers)
+        texts = passages(lm, numbers, max(lengths))
         figures["passages"] = numbers
         for mode in modes:
             shared = None
