@@ -57,17 +57,31 @@ def corpus(lm, n_passages: int, n_texts: int, n_tokens: int) -> list[list[int]]:
 
 
 def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, shared_m=None, log=print,
-             on_length=None, warm: bool = False, vectors_out: dict | None = None) -> dict:
+             on_length=None, warm: bool = False, vectors_out: dict | None = None, start: dict | None = None) -> dict:
     """The ladder. ``warm``: each rung starts from the vectors of the rung below (the curriculum of
     ``FitConfig.grow_from`` with the ladder's lengths as its stages); its "steps"/"seconds" are then the rung's
     own and "steps_total"/"seconds_total" include the rungs below. ``vectors_out``: filled with {N: {passage index:
-    fitted vectors}}. "decoded_exact" counts the texts regenerated exactly from their vectors alone."""
+    fitted vectors}}. "decoded_exact" counts the texts regenerated exactly from their vectors alone.
+    ``start``: {text index: (N, vectors)} — an earlier run's exact vectors for the text's first N tokens (N below
+    the ladder's first rung): they are checked by decoding, count as the text's capacity so far, and warm-start
+    its first rung (steps/seconds of that earlier run are not in the totals)."""
     from scalerec.llm import decode, fit_ar, fit_one_step
 
+    dmode = "ar" if mode == "ar" else "one-step"
     per_len = {}
     alive = list(range(len(texts)))  # texts still exact at every length so far
     best = {i: 0 for i in range(len(texts))}
     prev: dict = {}  # the rung below's vectors by text (kept only when warm)
+    if start:
+        if sorted(start) != alive:
+            raise ValueError("start: vectors are needed for every text or none")
+        dec = decode(lm, torch.stack([start[i][1] for i in alive]), [start[i][0] for i in alive], mode=dmode,
+                     shared_m=shared_m)
+        bad = [i for i in alive if dec[i] != texts[i][:start[i][0]]]
+        if bad:
+            raise ValueError(f"start: the vectors of texts {bad} do not decode to their first N tokens")
+        prev = {i: start[i][1] for i in alive}
+        best = {i: start[i][0] for i in alive}
     spent = {i: (0, 0.0) for i in range(len(texts))}
     for n in lengths:
         if not alive:
@@ -83,8 +97,7 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
         # the claim checked the way a user reads it back: decode (one forward pass / greedy generation) from the
         # fitted vectors alone and compare with the text
         rung = {i: r.vectors for i, r in zip(alive, res)}
-        dec = decode(lm, torch.stack(list(rung.values())), [len(t) for t in toks],
-                     mode="ar" if mode == "ar" else "one-step", shared_m=shared_m)
+        dec = decode(lm, torch.stack(list(rung.values())), [len(t) for t in toks], mode=dmode, shared_m=shared_m)
         if vectors_out is not None:
             vectors_out[n] = rung
         per_len[n] = {"texts": len(toks), "exact": sum(r.accuracy == 1.0 for r in res),
@@ -112,6 +125,25 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
     return {"per_length": per_len, "capacity_per_text": caps, "capacity_best": max(caps),
             "capacity_mean": sum(caps) / len(caps), "budget_steps": cfg.max_steps,
             "untested_above": max(lengths), "warm_ladder": warm}
+
+
+def starting_vectors(files: list[str], mode: str, numbers: list[int], first_length: int) -> dict:
+    """{text index: (N, vectors)} from --vectors-out files: per passage, its vectors of the largest N below
+    ``first_length``. A passage with none is an error (naming it and the files)."""
+    saved: dict = {}  # {N: {passage: vectors}} of this mode, merged over the files
+    for f in files:
+        data = torch.load(f)
+        if not isinstance(data, dict):
+            raise SystemExit(f"--vectors-in {f}: not a --vectors-out file (a dict by mode expected)")
+        for n, per in data.get(mode, {}).items():
+            saved.setdefault(int(n), {}).update(per)
+    out = {}
+    for i, p in enumerate(numbers):
+        ns = [n for n, per in saved.items() if p in per and n < first_length]
+        if not ns:
+            raise SystemExit(f"--vectors-in: no {mode} vectors of passage {p} below N={first_length} in {files}")
+        out[i] = (max(ns), saved[max(ns)][p])
+    return out
 
 
 def throughput(lm, cfg, batch_sizes=(1, 8, 32), n_tokens: int = 16, steps: int = 3, log=print) -> dict:
@@ -227,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="start each rung of the capacity ladder from the rung below's vectors (a curriculum)")
     ap.add_argument("--vectors-out", default=None,
                     help="save the fitted vectors here (torch.save: {mode: {N: {passage: tensor}}})")
+    ap.add_argument("--vectors-in", nargs="+", default=None, metavar="PT",
+                    help="--vectors-out files of earlier runs: each passage starts from its vectors of the largest "
+                         "saved N below the first length (checked by decoding; implies --warm-ladder)")
     ap.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE",
                     help="a FitConfig setting for the capacity fits, e.g. --fit restart_patience=400 (repeatable)")
     args = ap.parse_args(argv)
@@ -249,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     if pids is not None and (not pids or min(pids) < 0 or len(set(pids)) != len(pids)):
         ap.error(f"--passage-ids: distinct passage numbers >= 0 expected, got {args.passage_ids!r}")
 
+    if args.vectors_in:
+        args.warm_ladder = True
     sections = (args.sections or ("capacity,throughput" if args.quick else "capacity,throughput,ray")).split(",")
     modes = args.modes.split(",")
     if args.quick:  # proves the script end to end; the figures come from the full runs
@@ -299,9 +336,14 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"[shared-m] {figures['shared_m_fit']}")
                 save_partial()
             vecs: dict = {}
+            start = starting_vectors(args.vectors_in, mode, numbers, lengths[0]) if args.vectors_in else None
+            if start:  # the capacity so far of each passage, from the earlier run's exact vectors
+                figures[f"started_from_{mode}"] = {numbers[i]: n for i, (n, _) in start.items()}
+                figures["vectors_in"] = args.vectors_in
             figures[f"capacity_{mode}"] = capacity(
                 lm, "ar" if mode == "ar" else "one-step", lengths, texts, cfg, shared_m=shared, log=log,
-                on_length=lambda per, mode=mode: rung_done(mode, per), warm=args.warm_ladder, vectors_out=vecs)
+                on_length=lambda per, mode=mode: rung_done(mode, per), warm=args.warm_ladder, vectors_out=vecs,
+                start=start)
             figures.pop(f"partial_{mode}", None)
             save_partial()
             if args.vectors_out:
