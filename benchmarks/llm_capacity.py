@@ -57,14 +57,17 @@ def corpus(lm, n_passages: int, n_texts: int, n_tokens: int) -> list[list[int]]:
 
 
 def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, shared_m=None, log=print,
-             on_length=None, warm: bool = False, vectors_out: dict | None = None, start: dict | None = None) -> dict:
+             on_length=None, warm: bool = False, vectors_out: dict | None = None, start: dict | None = None,
+             resume: dict | None = None) -> dict:
     """The ladder. ``warm``: each rung starts from the vectors of the rung below (the curriculum of
     ``FitConfig.grow_from`` with the ladder's lengths as its stages); its "steps"/"seconds" are then the rung's
     own and "steps_total"/"seconds_total" include the rungs below. ``vectors_out``: filled with {N: {passage index:
     fitted vectors}}. "decoded_exact" counts the texts regenerated exactly from their vectors alone.
     ``start``: {text index: (N, vectors)} — an earlier run's exact vectors for the text's first N tokens (N below
     the ladder's first rung): they are checked by decoding, count as the text's capacity so far, and warm-start
-    its first rung (steps/seconds of that earlier run are not in the totals)."""
+    its first rung (steps/seconds of that earlier run are not in the totals). ``resume``: {text index: vectors} —
+    the first rung starts from these instead (an earlier run's not-yet-exact vectors of that rung: a fit resumed
+    with a fresh schedule; needs ``start`` for the capacity below it)."""
     from scalerec.llm import decode, fit_ar, fit_one_step
 
     dmode = "ar" if mode == "ar" else "one-step"
@@ -82,6 +85,10 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
             raise ValueError(f"start: the vectors of texts {bad} do not decode to their first N tokens")
         prev = {i: start[i][1] for i in alive}
         best = {i: start[i][0] for i in alive}
+    if resume:
+        if not start or sorted(resume) != alive:
+            raise ValueError("resume: needs start, and vectors for every text")
+        prev = dict(resume)
     spent = {i: (0, 0.0) for i in range(len(texts))}
     for n in lengths:
         if not alive:
@@ -144,6 +151,15 @@ def starting_vectors(files: list[str], mode: str, numbers: list[int], first_leng
             raise SystemExit(f"--vectors-in: no {mode} vectors of passage {p} below N={first_length} in {files}")
         out[i] = (max(ns), saved[max(ns)][p])
     return out
+
+
+def resume_vectors(path: str, mode: str, numbers: list[int], length: int) -> dict:
+    """{text index: vectors} of rung ``length`` from a --vectors-out file, for every passage (or an error)."""
+    per = {int(n): v for n, v in torch.load(path).get(mode, {}).items()}.get(length, {})
+    missing = [p for p in numbers if p not in per]
+    if missing:
+        raise SystemExit(f"--resume {path}: no {mode} vectors at N={length} for passages {missing}")
+    return {i: per[p] for i, p in enumerate(numbers)}
 
 
 def throughput(lm, cfg, batch_sizes=(1, 8, 32), n_tokens: int = 16, steps: int = 3, log=print) -> dict:
@@ -262,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vectors-in", nargs="+", default=None, metavar="PT",
                     help="--vectors-out files of earlier runs: each passage starts from its vectors of the largest "
                          "saved N below the first length (checked by decoding; implies --warm-ladder)")
+    ap.add_argument("--resume", default=None, metavar="PT",
+                    help="a --vectors-out file of a run that stopped in the first rung: that rung starts from its "
+                         "vectors (needs --vectors-in for the capacity below)")
     ap.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE",
                     help="a FitConfig setting for the capacity fits, e.g. --fit restart_patience=400 (repeatable)")
     args = ap.parse_args(argv)
@@ -284,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     if pids is not None and (not pids or min(pids) < 0 or len(set(pids)) != len(pids)):
         ap.error(f"--passage-ids: distinct passage numbers >= 0 expected, got {args.passage_ids!r}")
 
+    if args.resume and not args.vectors_in:
+        ap.error("--resume needs --vectors-in (the exact vectors of the rung below, the capacity so far)")
     if args.vectors_in:
         args.warm_ladder = True
     sections = (args.sections or ("capacity,throughput" if args.quick else "capacity,throughput,ray")).split(",")
@@ -340,10 +361,13 @@ def main(argv: list[str] | None = None) -> int:
             if start:  # the capacity so far of each passage, from the earlier run's exact vectors
                 figures[f"started_from_{mode}"] = {numbers[i]: n for i, (n, _) in start.items()}
                 figures["vectors_in"] = args.vectors_in
+            resume = resume_vectors(args.resume, mode, numbers, lengths[0]) if args.resume else None
+            if resume:
+                figures["resume"] = args.resume
             figures[f"capacity_{mode}"] = capacity(
                 lm, "ar" if mode == "ar" else "one-step", lengths, texts, cfg, shared_m=shared, log=log,
                 on_length=lambda per, mode=mode: rung_done(mode, per), warm=args.warm_ladder, vectors_out=vecs,
-                start=start)
+                start=start, resume=resume)
             figures.pop(f"partial_{mode}", None)
             save_partial()
             if args.vectors_out:
