@@ -225,7 +225,8 @@ def plot_steps(files: list[str], out: str) -> dict:
                     pts.setdefault((m, where, acc == 1.0), []).append((int(n), steps))
     fig, ax = plt.subplots(figsize=(8.5, 4.2))
     colors = {"one-step": "tab:blue", "ar": "tab:orange", "shared-m": "tab:green",
-              "one-step, warm ladder": "tab:purple", "ar, warm ladder": "tab:red"}
+              "one-step, warm ladder": "tab:purple", "ar, warm ladder": "tab:red",
+              "shared-m, warm ladder": "tab:olive"}
     for (mode, where, exact), xy in sorted(pts.items()):
         xs, ys = zip(*xy)
         ax.scatter(xs, ys, c=colors.get(mode, "gray"), marker=("o" if where == "CPU" else "s") if exact else "x",
