@@ -134,16 +134,22 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
             "untested_above": max(lengths), "warm_ladder": warm}
 
 
-def starting_vectors(files: list[str], mode: str, numbers: list[int], first_length: int) -> dict:
-    """{text index: (N, vectors)} from --vectors-out files: per passage, its vectors of the largest N below
-    ``first_length``. A passage with none is an error (naming it and the files)."""
-    saved: dict = {}  # {N: {passage: vectors}} of this mode, merged over the files
+def saved_vectors(files: list[str], mode: str) -> dict:
+    """{N: {passage: vectors}} of ``mode`` from --vectors-out files, merged over the files."""
+    saved: dict = {}
     for f in files:
         data = torch.load(f)
         if not isinstance(data, dict):
-            raise SystemExit(f"--vectors-in {f}: not a --vectors-out file (a dict by mode expected)")
+            raise SystemExit(f"{f}: not a --vectors-out file (a dict by mode expected)")
         for n, per in data.get(mode, {}).items():
             saved.setdefault(int(n), {}).update(per)
+    return saved
+
+
+def starting_vectors(files: list[str], mode: str, numbers: list[int], first_length: int) -> dict:
+    """{text index: (N, vectors)} from --vectors-out files: per passage, its vectors of the largest N below
+    ``first_length``. A passage with none is an error (naming it and the files)."""
+    saved = saved_vectors(files, mode)
     out = {}
     for i, p in enumerate(numbers):
         ns = [n for n, per in saved.items() if p in per and n < first_length]
@@ -155,7 +161,7 @@ def starting_vectors(files: list[str], mode: str, numbers: list[int], first_leng
 
 def resume_vectors(path: str, mode: str, numbers: list[int], length: int) -> dict:
     """{text index: vectors} of rung ``length`` from a --vectors-out file, for every passage (or an error)."""
-    per = {int(n): v for n, v in torch.load(path).get(mode, {}).items()}.get(length, {})
+    per = saved_vectors([path], mode).get(length, {})
     missing = [p for p in numbers if p not in per]
     if missing:
         raise SystemExit(f"--resume {path}: no {mode} vectors at N={length} for passages {missing}")
