@@ -58,7 +58,7 @@ def corpus(lm, n_passages: int, n_texts: int, n_tokens: int) -> list[list[int]]:
 
 def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, shared_m=None, log=print,
              on_length=None, warm: bool = False, vectors_out: dict | None = None, start: dict | None = None,
-             resume: dict | None = None) -> dict:
+             resume: dict | None = None, labels: list | None = None) -> dict:
     """The ladder. ``warm``: each rung starts from the vectors of the rung below (the curriculum of
     ``FitConfig.grow_from`` with the ladder's lengths as its stages); its "steps"/"seconds" are then the rung's
     own and "steps_total"/"seconds_total" include the rungs below. ``vectors_out``: filled with {N: {passage index:
@@ -67,7 +67,8 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
     the ladder's first rung): they are checked by decoding, count as the text's capacity so far, and warm-start
     its first rung (steps/seconds of that earlier run are not in the totals). ``resume``: {text index: vectors} —
     the first rung starts from these instead (an earlier run's not-yet-exact vectors of that rung: a fit resumed
-    with a fresh schedule; needs ``start`` for the capacity below it)."""
+    with a fresh schedule; needs ``start`` for the capacity below it). ``labels``: the texts' names in error
+    messages (passage numbers; default: their index)."""
     from scalerec.llm import decode, fit_ar, fit_one_step
 
     dmode = "ar" if mode == "ar" else "one-step"
@@ -82,7 +83,8 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
                      shared_m=shared_m)
         bad = [i for i in alive if dec[i] != texts[i][:start[i][0]]]
         if bad:
-            raise ValueError(f"start: the vectors of texts {bad} do not decode to their first N tokens")
+            names = [labels[i] if labels else i for i in bad]
+            raise ValueError(f"start: the vectors of passages {names} do not decode to their first N tokens")
         prev = {i: start[i][1] for i in alive}
         best = {i: start[i][0] for i in alive}
     if resume:
@@ -371,17 +373,25 @@ def main(argv: list[str] | None = None) -> int:
             resume = resume_vectors(args.resume, mode, numbers, lengths[0]) if args.resume else None
             if resume:
                 figures["resume"] = args.resume
+
+            def save_vectors(mode=mode, vecs=vecs, shared=shared):  # after every rung: a stopped run keeps them
+                if args.vectors_out:
+                    saved[mode] = {n: {numbers[i]: v for i, v in per.items()} for n, per in vecs.items()}
+                    if shared is not None:
+                        saved["shared_m"] = shared
+                    torch.save(saved, args.vectors_out)
+
+            def on_length(per, mode=mode, save_vectors=save_vectors):
+                rung_done(mode, per)
+                save_vectors()
+
             figures[f"capacity_{mode}"] = capacity(
                 lm, "ar" if mode == "ar" else "one-step", lengths, texts, cfg, shared_m=shared, log=log,
-                on_length=lambda per, mode=mode: rung_done(mode, per), warm=args.warm_ladder, vectors_out=vecs,
-                start=start, resume=resume)
+                on_length=on_length, warm=args.warm_ladder, vectors_out=vecs, start=start, resume=resume,
+                labels=numbers)
             figures.pop(f"partial_{mode}", None)
             save_partial()
-            if args.vectors_out:
-                saved[mode] = {n: {numbers[i]: v for i, v in per.items()} for n, per in vecs.items()}
-                if shared is not None:
-                    saved["shared_m"] = shared
-                torch.save(saved, args.vectors_out)
+            save_vectors()
     if "throughput" in sections:
         tp = throughput(lm, cfg, batch_sizes=(1, 4) if args.quick else (1, 8, 32), steps=2 if args.quick else 3, log=log)
         mean_steps = None
