@@ -46,14 +46,32 @@ def passages(lm, numbers, max_len: int) -> list[list[int]]:
     return out
 
 
+def corpus_start(n_passages: int) -> int:
+    return 1000 + 500 * n_passages
+
+
 def corpus(lm, n_passages: int, n_texts: int, n_tokens: int) -> list[list[int]]:
     """``n_texts`` consecutive ``n_tokens``-token texts after the test passages' region (no overlap with them)."""
     ids = _text_ids(lm)
-    start = 1000 + 500 * n_passages
+    start = corpus_start(n_passages)
     out = [ids[start + n_tokens * i: start + n_tokens * (i + 1)] for i in range(n_texts)]
     if len(out[-1]) != n_tokens:
         raise SystemExit(f"--shared-corpus: the bundled text holds fewer than {n_texts} x {n_tokens} tokens")
     return out
+
+
+def load_shared_m(path: str, numbers: list[int], max_len: int) -> torch.Tensor:
+    """A --shared-m-out file: {"m": [d], "corpus_tokens": [start, end)}. Passages that overlap the corpus the m
+    was fitted on would be measured on text the m has seen: an error naming them."""
+    data = torch.load(path)
+    if not (isinstance(data, dict) and torch.is_tensor(data.get("m")) and len(data.get("corpus_tokens", ())) == 2):
+        raise SystemExit(f"--shared-m-in {path}: not a --shared-m-out file ({{'m', 'corpus_tokens'}} expected)")
+    lo, hi = data["corpus_tokens"]
+    seen = [p for p in numbers if 1000 + 500 * p < hi and lo < 1000 + 500 * p + max_len]
+    if seen:
+        raise SystemExit(f"--shared-m-in {path}: passages {seen} overlap the text this m was fitted on "
+                         f"(tokens {lo}-{hi - 1} of {TEXT.name}); test other passages")
+    return data["m"]
 
 
 def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, shared_m=None, log=print,
@@ -268,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared-steps", type=int, default=400)
     ap.add_argument("--shared-tokens", type=int, default=16, help="tokens per corpus text of the shared-m fit")
     ap.add_argument("--shared-batch", type=int, default=16, help="corpus texts per step of the shared-m fit")
-    ap.add_argument("--shared-m-out", default=None, help="save the fitted shared m here (torch.save, [d] float32)")
-    ap.add_argument("--shared-m-in", default=None, help="use this saved shared m instead of fitting one")
+    ap.add_argument("--shared-m-out", default=None, help="save the fitted shared m here (torch.save: {'m': [d] float32, 'corpus_tokens': [start, end) "
+                         "of the bundled text it was fitted on})")
+    ap.add_argument("--shared-m-in", default=None, help="use this --shared-m-out file's m instead of fitting one (passages that overlap its "
+                         "corpus are refused)")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     ap.add_argument("--dtype", default="float32", help="model dtype: float32 (default), bfloat16, float16")
     ap.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matrix products (float32 model)")
@@ -350,11 +370,11 @@ def main(argv: list[str] | None = None) -> int:
             shared = None
             if mode == "shared-m":
                 if args.shared_m_in:  # an m fitted by an earlier run (its figures are in that run's JSON)
-                    shared = torch.load(args.shared_m_in)
+                    shared = load_shared_m(args.shared_m_in, numbers, max(lengths))
                     figures["shared_m_fit"] = {"from": args.shared_m_in}
                 else:
-                    corpus_src = corpus(lm, max(5, max(numbers) + 1), args.shared_corpus,
-                                        args.shared_tokens)
+                    n_before = max(5, max(numbers) + 1)
+                    corpus_src = corpus(lm, n_before, args.shared_corpus, args.shared_tokens)
                     sh = fit_shared_m(lm, corpus_src, steps=args.shared_steps, batch_size=args.shared_batch)
                     shared = sh.m
                     figures["shared_m_fit"] = {"corpus": len(corpus_src), "tokens": args.shared_tokens,
@@ -362,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                                                "mean_accuracy": round(sh.mean_accuracy, 4), "steps": sh.steps,
                                                "seconds": round(sh.seconds, 1)}
                     if args.shared_m_out:
-                        torch.save(shared, args.shared_m_out)
+                        lo = corpus_start(n_before)
+                        torch.save({"m": shared, "corpus_tokens": [lo, lo + args.shared_corpus * args.shared_tokens]},
+                                   args.shared_m_out)
                 log(f"[shared-m] {figures['shared_m_fit']}")
                 save_partial()
             vecs: dict = {}
