@@ -286,10 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared-steps", type=int, default=400)
     ap.add_argument("--shared-tokens", type=int, default=16, help="tokens per corpus text of the shared-m fit")
     ap.add_argument("--shared-batch", type=int, default=16, help="corpus texts per step of the shared-m fit")
-    ap.add_argument("--shared-m-out", default=None, help="save the fitted shared m here (torch.save: {'m': [d] float32, 'corpus_tokens': [start, end) "
+    ap.add_argument("--shared-m-out", default=None,
+                    help="save the fitted shared m here (torch.save: {'m': [d] float32, 'corpus_tokens': [start, end) "
                          "of the bundled text it was fitted on})")
-    ap.add_argument("--shared-m-in", default=None, help="use this --shared-m-out file's m instead of fitting one (passages that overlap its "
-                         "corpus are refused)")
+    ap.add_argument("--shared-m-in", default=None,
+                    help="use this --shared-m-out file's m instead of fitting one (passages that overlap its corpus "
+                         "are refused)")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     ap.add_argument("--dtype", default="float32", help="model dtype: float32 (default), bfloat16, float16")
     ap.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matrix products (float32 model)")
