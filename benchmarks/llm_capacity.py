@@ -37,23 +37,23 @@ def _text_ids(lm) -> list[int]:
     return lm.encode(TEXT.read_text())
 
 
+def passage_start(i: int) -> int:
+    """Passage i starts at token 1000 + 500 i of the bundled text."""
+    return 1000 + 500 * i
+
+
 def passages(lm, numbers, max_len: int) -> list[list[int]]:
-    """The passages with these numbers, ``max_len`` tokens each; passage i starts at token 1000 + 500 i of the
-    bundled text."""
+    """The passages with these numbers, ``max_len`` tokens each (see :func:`passage_start`)."""
     text = _text_ids(lm)
-    out = [text[1000 + 500 * i: 1000 + 500 * i + max_len] for i in numbers]
+    out = [text[passage_start(i): passage_start(i) + max_len] for i in numbers]
     assert all(len(p) == max_len for p in out), "bundled text too short for these passages"
     return out
-
-
-def corpus_start(n_passages: int) -> int:
-    return 1000 + 500 * n_passages
 
 
 def corpus(lm, n_passages: int, n_texts: int, n_tokens: int) -> list[list[int]]:
     """``n_texts`` consecutive ``n_tokens``-token texts after the test passages' region (no overlap with them)."""
     ids = _text_ids(lm)
-    start = corpus_start(n_passages)
+    start = passage_start(n_passages)
     out = [ids[start + n_tokens * i: start + n_tokens * (i + 1)] for i in range(n_texts)]
     if len(out[-1]) != n_tokens:
         raise SystemExit(f"--shared-corpus: the bundled text holds fewer than {n_texts} x {n_tokens} tokens")
@@ -67,7 +67,7 @@ def load_shared_m(path: str, numbers: list[int], max_len: int) -> torch.Tensor:
     if not (isinstance(data, dict) and torch.is_tensor(data.get("m")) and len(data.get("corpus_tokens", ())) == 2):
         raise SystemExit(f"--shared-m-in {path}: not a --shared-m-out file ({{'m', 'corpus_tokens'}} expected)")
     lo, hi = data["corpus_tokens"]
-    seen = [p for p in numbers if 1000 + 500 * p < hi and lo < 1000 + 500 * p + max_len]
+    seen = [p for p in numbers if passage_start(p) < hi and lo < passage_start(p) + max_len]
     if seen:
         raise SystemExit(f"--shared-m-in {path}: passages {seen} overlap the text this m was fitted on "
                          f"(tokens {lo}-{hi - 1} of {TEXT.name}); test other passages")
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "mean_accuracy": round(sh.mean_accuracy, 4), "steps": sh.steps,
                                                "seconds": round(sh.seconds, 1)}
                     if args.shared_m_out:
-                        lo = corpus_start(n_before)
+                        lo = passage_start(n_before)
                         torch.save({"m": shared, "corpus_tokens": [lo, lo + args.shared_corpus * args.shared_tokens]},
                                    args.shared_m_out)
                 log(f"[shared-m] {figures['shared_m_fit']}")
@@ -414,8 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                 on_length=on_length, warm=args.warm_ladder, vectors_out=vecs, start=start, resume=resume,
                 labels=numbers)
             figures.pop(f"partial_{mode}", None)
-            save_partial()
-            save_vectors()
+            save_partial()  # (the vectors were saved after the last rung)
     if "throughput" in sections:
         tp = throughput(lm, cfg, batch_sizes=(1, 4) if args.quick else (1, 8, 32), steps=2 if args.quick else 3, log=log)
         mean_steps = None
