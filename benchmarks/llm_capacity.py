@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -154,6 +155,23 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
             "untested_above": max(lengths), "warm_ladder": warm}
 
 
+@torch.no_grad()
+def text_entropy(lm, texts: list[list[int]], lengths: list[int]) -> dict:
+    """The model's own cross-entropy of each text's first N tokens with nothing before them but the sink token
+    (BOS): {N: [bits per text]}. The cramming paper finds this, not N, sets how many tokens one vector holds."""
+    if lm.sink_id is None:
+        raise ValueError("text_entropy: the model was loaded without a sink token (BOS), so a text's first token "
+                         "has nothing to be predicted from")
+    out: dict = {n: [] for n in lengths}
+    for toks in texts:
+        ids = torch.tensor([[lm.sink_id] + list(toks[:max(lengths)])], device=lm.device)
+        logits = lm.model(input_ids=ids).logits[0, :-1].float()
+        nats = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").cumsum(0)
+        for n in lengths:
+            out[n].append(round(float(nats[n - 1]) / math.log(2), 1))
+    return out
+
+
 def saved_vectors(files: list[str], mode: str) -> dict:
     """{N: {passage: vectors}} of ``mode`` from --vectors-out files, merged over the files."""
     saved: dict = {}
@@ -274,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--sections", default=None, help="default: capacity,throughput,ray (quick: capacity,throughput)")
+    ap.add_argument("--sections", default=None, help="comma-separated, of capacity, entropy, throughput, ray (default: capacity,throughput,ray; quick: capacity,entropy,throughput)")
     ap.add_argument("--modes", default="one-step,shared-m,ar")
     ap.add_argument("--lengths", default="16,32,64,128")
     ap.add_argument("--passages", type=int, default=5)
@@ -338,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--resume needs --vectors-in (the exact vectors of the rung below, the capacity so far)")
     if args.vectors_in:
         args.warm_ladder = True
-    sections = (args.sections or ("capacity,throughput" if args.quick else "capacity,throughput,ray")).split(",")
+    sections = (args.sections or ("capacity,entropy,throughput" if args.quick else "capacity,throughput,ray")).split(",")
     modes = args.modes.split(",")
     if args.quick:  # proves the script end to end; the figures come from the full runs
         args.lengths, args.passages, args.max_steps = "4,8", 1, 150
@@ -415,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
                 labels=numbers)
             figures.pop(f"partial_{mode}", None)
             save_partial()  # (the vectors were saved after the last rung)
+    if "entropy" in sections:  # cheap: one forward pass per passage
+        numbers = pids or list(range(args.first_passage, args.first_passage + args.passages))
+        ent = text_entropy(lm, passages(lm, numbers, max(lengths)), lengths)
+        figures["entropy_bits"] = {"passages": numbers, "per_length": ent}
+        log(f"[entropy] bits per passage {numbers}: {ent}")
     if "throughput" in sections:
         tp = throughput(lm, cfg, batch_sizes=(1, 4) if args.quick else (1, 8, 32), steps=2 if args.quick else 3, log=log)
         mean_steps = None
