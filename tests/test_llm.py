@@ -80,8 +80,9 @@ def test_batch_of_different_lengths_fits_each_text_independently(lm):
     assert dec == [short, long_]
     # In float32 the batched and the lone fit drift apart by ~1e-4 within 10 steps (batch shapes round differently,
     # and Adam turns rounding-level gradients into full-size steps), so their per-step token accuracies can differ
-    # where an argmax is nearly tied (a clean-clone CI run with 2 threads failed on this test). In float64 there is no rounding to amplify:
-    # the batched fit IS the lone fit, step for step (every step's token accuracy) and vector for vector.
+    # where an argmax is nearly tied (a clean-clone CI run with 2 threads failed on this test). In float64 there
+    # is no rounding to amplify: the batched fit IS the lone fit, step for step (every step's token accuracy)
+    # and vector for vector.
     lm64 = dataclasses.replace(lm, model=copy.deepcopy(lm.model).to(torch.float64), dtype=torch.float64)
     both64 = fit_one_step(lm64, [short, long_], cfg, record_history=True)
     for got, toks in zip(both64, (short, long_)):
