@@ -292,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--sections", default=None, help="comma-separated, of capacity, entropy, throughput, ray (default: capacity,throughput,ray; quick: capacity,entropy,throughput)")
+    ap.add_argument("--sections", default=None,
+                    help="comma-separated, of capacity, entropy, throughput, ray (default: capacity,throughput,ray; "
+                         "quick: capacity,entropy,throughput)")
     ap.add_argument("--modes", default="one-step,shared-m,ar")
     ap.add_argument("--lengths", default="16,32,64,128")
     ap.add_argument("--passages", type=int, default=5)
@@ -357,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.vectors_in:
         args.warm_ladder = True
     sections = (args.sections or ("capacity,entropy,throughput" if args.quick else "capacity,throughput,ray")).split(",")
+    unknown = sorted(set(sections) - {"capacity", "entropy", "throughput", "ray"})
+    if unknown:
+        ap.error(f"--sections: unknown {unknown}; choose from capacity, entropy, throughput, ray")
     modes = args.modes.split(",")
     if args.quick:  # proves the script end to end; the figures come from the full runs
         args.lengths, args.passages, args.max_steps = "4,8", 1, 150
