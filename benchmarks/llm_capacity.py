@@ -387,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = FitConfig(**{"max_steps": args.max_steps, **fit_overrides})
     saved: dict = {}
+    numbers = pids or list(range(args.first_passage, args.first_passage + args.passages))
     if "capacity" in sections:
-        numbers = pids or list(range(args.first_passage, args.first_passage + args.passages))
         texts = passages(lm, numbers, max(lengths))
         figures["passages"] = numbers
         for mode in modes:
@@ -439,7 +439,6 @@ def main(argv: list[str] | None = None) -> int:
             figures.pop(f"partial_{mode}", None)
             save_partial()  # (the vectors were saved after the last rung)
     if "entropy" in sections:  # cheap: one forward pass per passage
-        numbers = pids or list(range(args.first_passage, args.first_passage + args.passages))
         ent = text_entropy(lm, passages(lm, numbers, max(lengths)), lengths)
         figures["entropy_bits"] = {"passages": numbers, "per_length": ent}
         log(f"[entropy] bits per passage {numbers}: {ent}")
