@@ -107,6 +107,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU memory: torch's allocator peak)")
     ap.add_argument("--model", default=None, help="model folder or alias (default: minilm; --lm: smollm2)")
     ap.add_argument("--max-length", type=int, default=None, help="SST-2 tokens per sentence (default 32)")
+    ap.add_argument("--sparse-state", default="auto", choices=["auto", "compact", "dense"],
+                    help="SparseGrad/MeProp Adam moments: compact entry set or dense (auto: dense on a GPU)")
     ap.add_argument("--out", default=None, help="also write all runs and the summary to this JSON file")
     args = ap.parse_args()
     if args.worker:
@@ -135,6 +137,7 @@ def main() -> int:
             base["max_length"] = args.max_length
         metric = "dev_accuracy"
     base["device"] = args.device
+    base["sparse_state"] = args.sparse_state
     for m in methods:
         if m not in METHODS:
             ap.error(f"--methods: {m!r} is not one of {METHODS}")

@@ -5,6 +5,7 @@ Runs only where torch sees a GPU and the extension was built with its CUDA kerne
 here, while the same ops' CPU kernels are tested in the other ``test_ops_*`` files. ``make cuda-check``
 compiles the CUDA sources with nvcc even without a GPU.
 """
+import copy
 import pytest
 import torch
 
@@ -185,6 +186,7 @@ def test_sparsegrad_layer_on_cuda():
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(32, 48).to(DEV)
+    lin_copy = copy.deepcopy(lin)
     x = torch.randn(20, 32, device=DEV)
     y0 = lin(x).detach()
     uo = torch.linalg.qr(torch.randn(48, 48))[0]
@@ -198,3 +200,11 @@ def test_sparsegrad_layer_on_cuda():
     opt.step()
     assert int((layer.rotated_weight.detach() != w0).sum()) == 40
     torch.testing.assert_close(layer.w_eff, layer.dense_weight(), atol=1e-5, rtol=1e-5)
+    st = opt.state[layer.rotated_weight]
+    assert "idx" not in st and st["m"].numel() == 48 * 32  # "auto": dense moments on the GPU (no host sync)
+    # the same step with the compact layout gives the same weights
+    model2 = torch.nn.Sequential(SparseGradLinear(lin_copy, uo, ui, k=40))
+    opt2 = SparseGradOptimizer(model2, lr=1e-2, sparse_lr=1e-2, state_layout="compact")
+    model2(x).pow(2).sum().backward()
+    opt2.step()
+    assert torch.equal(model2[0].rotated_weight, layer.rotated_weight)

@@ -161,6 +161,33 @@ def test_exactly_k_entries_change_per_step(method):
     assert float(model(**b).loss) < l0
 
 
+def test_dense_and_compact_adam_state_give_identical_updates():
+    """The two layouts of the lazy-Adam moments (the GPU's default and the CPU's) update bit for bit alike."""
+    models = {lay: sparsegrad_bert(density=0.1) for lay in ("compact", "dense")}
+    opts = {lay: SparseGradOptimizer(m, lr=1e-2, state_layout=lay) for lay, m in models.items()}
+    for b in itertools.islice(bert_batches(seed=5), 6):  # the selected entries move, so the compact set grows
+        for lay, m in models.items():
+            m(**b).loss.backward()
+            opts[lay].step()
+            opts[lay].zero_grad()
+    for (n, a), (_, c) in zip(sparse_layers(models["compact"]), sparse_layers(models["dense"])):
+        assert torch.equal(a.rotated_weight, c.rotated_weight), n
+        assert torch.equal(a.w_eff, c.w_eff), n
+        sa, sc = opts["compact"].state[a.rotated_weight], opts["dense"].state[c.rotated_weight]
+        assert sc["m"].shape == (a.rotated_weight.numel(),) and "idx" not in sc
+        assert sa["idx"].numel() > a.k  # the compact set holds the union of several steps' selections
+        assert torch.equal(sc["m"][sa["idx"].long()], sa["m"]) and torch.equal(sc["t"][sa["idx"].long()], sa["t"])
+        assert int(sc["t"].count_nonzero()) == sa["idx"].numel()
+    with pytest.raises(ValueError, match="state_layout must be one of"):
+        SparseGradOptimizer(models["dense"], state_layout="sparse")
+    # a state saved with one layout is refused by an optimizer of the other, with the reason
+    other = SparseGradOptimizer(models["dense"], lr=1e-2, state_layout="compact")
+    other.load_state_dict(opts["dense"].state_dict())
+    models["dense"](**next(bert_batches(seed=6))).loss.backward()
+    with pytest.raises(ValueError, match="keeps compact moments, but the loaded state has the other layout"):
+        other.step()
+
+
 def test_revert_is_exact_and_state_dict_round_trips():
     model = sparsegrad_bert(density=0.2)
     opt = SparseGradOptimizer(model, lr=1e-2)

@@ -174,11 +174,23 @@ class SparseGradOptimizer(torch.optim.Optimizer):
     k entries change per step; the layer's dense forward weight is then updated by the sparse delta. The Adam
     moments of a rotated weight are kept for the entries seen so far only (a sorted index set grown as new
     entries get selected), so their memory follows the union of selected entries, not the weight's size.
+
+    ``state_layout`` chooses how those moments are kept: ``"compact"`` (the growing entry set above: memory follows
+    the selected entries, but growing the set needs the count of new entries on the host, a device sync per layer
+    and step), ``"dense"`` (moments and step counts as dense tensors of the weight's shape: 12 bytes per weight
+    entry, no sync) or ``"auto"`` (dense for weights on a GPU, where a sync stalls the step, compact elsewhere).
+    Both layouts give the same updates bit for bit.
     """
+
+    STATE_LAYOUTS = ("auto", "compact", "dense")
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, sparse_lr: float | None = None, head_lr: float | None = None,
-                 head_names: Iterable[str] = ("classifier", "score")):
+                 head_names: Iterable[str] = ("classifier", "score"), state_layout: str = "auto"):
+        if state_layout not in self.STATE_LAYOUTS:
+            raise ValueError(f"SparseGradOptimizer: state_layout must be one of {list(self.STATE_LAYOUTS)}, "
+                             f"got {state_layout!r}")
+        self.state_layout = state_layout
         self._layers = {id(m.rotated_weight): m for _, m in sparse_layers(model)}
         heads = tuple(head_names)
         sparse, dense, head = [], [], []
@@ -248,6 +260,33 @@ class SparseGradOptimizer(torch.optim.Optimizer):
             val = flat[idx]
         if idx.numel() == 0:
             return
+        dense = self.state_layout == "dense" or (self.state_layout == "auto" and p.device.type != "cpu")
+        if dense != ("idx" not in st and "m" in st) and "m" in st:
+            raise ValueError(f"SparseGradOptimizer: this optimizer keeps {'dense' if dense else 'compact'} moments, "
+                             "but the loaded state has the other layout; use the state_layout it was saved with")
+        if dense:
+            # lazy Adam with dense moments: gather the selected entries' state, update it, scatter it back
+            if "m" not in st:
+                st["m"], st["v"] = torch.zeros_like(p).view(-1), torch.zeros_like(p).view(-1)
+                st["t"] = torch.zeros(p.numel(), dtype=torch.int32, device=p.device)
+            m = st["m"][idx].mul_(b1).add_(val, alpha=1 - b1)
+            v = st["v"][idx].mul_(b2).addcmul_(val, val, value=1 - b2)
+            te = st["t"][idx] + 1
+            st["m"][idx], st["v"][idx], st["t"][idx] = m, v, te
+        else:
+            m, v, te = self._compact_moments(p, st, idx, val, b1, b2)
+        bc1 = 1 - b1 ** te.to(val.dtype)
+        bc2 = 1 - b2 ** te.to(val.dtype)
+        delta = -lr * (m / bc1) / ((v / bc2).sqrt() + eps)
+        flat = p.view(-1)
+        flat.index_add_(0, idx, delta)
+        layer = self._layers.get(id(p))
+        if layer is not None:
+            layer.apply_sparse_delta(idx, delta)
+
+    @staticmethod
+    def _compact_moments(p, st, idx, val, b1, b2):
+        """The selected entries' updated (m, v, step count), their state kept on a growing sorted entry set."""
         # lazy Adam with moments stored on a growing sorted set of entries; the entry ids and per-entry step counts
         # are int32 where the weight allows (16 bytes of state per entry instead of 24)
         key = idx.to(torch.int32) if p.numel() < 2**31 else idx
@@ -271,14 +310,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
         v = st["v"][pos].mul_(b2).addcmul_(val, val, value=1 - b2)
         te = st["t"][pos] + 1
         st["m"][pos], st["v"][pos], st["t"][pos] = m, v, te
-        bc1 = 1 - b1 ** te.to(val.dtype)
-        bc2 = 1 - b2 ** te.to(val.dtype)
-        delta = -lr * (m / bc1) / ((v / bc2).sqrt() + eps)
-        flat = p.view(-1)
-        flat.index_add_(0, idx, delta)
-        layer = self._layers.get(id(p))
-        if layer is not None:
-            layer.apply_sparse_delta(idx, delta)
+        return m, v, te
 
 
 def freeze_except_head(model: nn.Module, head_names: Iterable[str] = ("classifier", "score")) -> None:

@@ -54,6 +54,7 @@ class FinetuneSettings:
     text: str | None = None
     threads: int | None = None
     device: str = "cpu"              # "cpu", "cuda" or "cuda:N"
+    sparse_state: str = "auto"       # SparseGrad/MeProp Adam moments: auto (dense on a GPU), compact or dense
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -66,6 +67,9 @@ class FinetuneSettings:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if not (0.0 < float(self.density) <= 1.0):
             raise ValueError(f"density must be in (0, 1], got {self.density!r}")
+        if self.sparse_state not in SparseGradOptimizer.STATE_LAYOUTS:
+            raise ValueError(f"sparse_state must be one of {list(SparseGradOptimizer.STATE_LAYOUTS)}, "
+                             f"got {self.sparse_state!r}")
         if self.device != "cpu" and not str(self.device).startswith("cuda"):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
@@ -179,7 +183,8 @@ def setup_method(s: FinetuneSettings, model: nn.Module, calibration_batches=None
         else:
             apply_meprop(model, MePropConfig(target_modules=targets, density=s.density, grad_dtype=s.grad_dtype))
         freeze_except_head(model, HEAD_NAMES)
-        opt = SparseGradOptimizer(model, lr=lr, sparse_lr=lr, head_lr=s.head_lr, head_names=HEAD_NAMES)
+        opt = SparseGradOptimizer(model, lr=lr, sparse_lr=lr, head_lr=s.head_lr, head_names=HEAD_NAMES,
+                                  state_layout=s.sparse_state)
         info["k_per_layer"] = {n: m.k for n, m in sparse_layers(model)[:2]}
         info["trainable"] = count_trainable(model)
     info["lr"] = lr
@@ -288,7 +293,9 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
     elapsed = time.perf_counter() - t_start if t_start is not None else float("nan")
     rss_train = peak_rss_mb()
     # entries with Adam moments on the rotated weights (SparseGrad/MeProp): the union of the selected entries
-    info["sparse_state_entries"] = sum(int(st["idx"].numel()) for st in opt.state.values() if "idx" in st)
+    # (compact layout: the entry set; dense layout: the entries whose step count is > 0)
+    info["sparse_state_entries"] = sum(int(st["idx"].numel()) if "idx" in st else int(st["t"].count_nonzero())
+                                       for st in opt.state.values() if "t" in st)
     timed = s.steps - warm
     after = evaluate(model, eval_batches())
     res = {

@@ -1,0 +1,117 @@
+"""Where a SparseGrad training step spends its time, next to LoRA's: torch.profiler over a few steps.
+
+    python benchmarks/sparsegrad_profile.py --device cuda --model minilm --steps 20
+    python benchmarks/sparsegrad_profile.py --quick                       # CPU, 5 steps
+
+Same set-up as ``benchmarks/sparsegrad_sst2.py`` (MiniLM-L6, SST-2, batch 32 x 64 tokens, bf16 weight-gradient
+GEMMs). For each method it prints the ops with the most self time (device time on a GPU, CPU time otherwise)
+and counts the host syncs per step (``cudaStreamSynchronize`` / ``cudaMemcpy*`` / ``aten::item`` /
+``aten::_local_scalar_dense`` calls). Ends by printing one JSON line of the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync", "aten::item",
+            "aten::_local_scalar_dense")
+
+
+def profile_method(method: str, args) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from scalerec.peft.data import classification_batches, read_sst2
+    from scalerec.peft.train import FinetuneSettings, _load, _on, setup_method
+
+    s = FinetuneSettings(method=method, model=args.model, device=args.device, batch_size=args.batch_size,
+                         max_length=args.max_length, calibration_steps=5, grad_dtype=args.grad_dtype,
+                         sparse_state=args.sparse_state, threads=args.threads)
+    torch.manual_seed(0)
+    dev = torch.device(s.device)
+    model, tok = _load(s)
+    model.to(dev)
+    xs, ys = read_sst2("train", None, None)
+    batches = _on(classification_batches(tok, xs, ys, s.batch_size, 0, s.max_length), dev)
+    calib = _on(classification_batches(tok, xs, ys, s.batch_size, 1000, s.max_length), dev)
+    model, opt, _ = setup_method(s, model, calib)
+    model.train()
+    cuda = dev.type == "cuda"
+
+    def step(batch):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for b in itertools.islice(batches, 5):  # warm-up (cuBLAS handles, allocator, the compact state's growth)
+        step(b)
+    todo = list(itertools.islice(batches, args.steps))
+    if cuda:
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    for b in todo:  # timed without the profiler
+        step(b)
+    if cuda:
+        torch.cuda.synchronize(dev)
+    step_ms = 1e3 * (time.perf_counter() - t0) / len(todo)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for b in todo:
+            step(b)
+        if cuda:
+            torch.cuda.synchronize(dev)
+    ev = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    top = sorted(ev, key=lambda e: getattr(e, key, 0) or 0, reverse=True)[: args.top]
+    rows = [{"op": e.key, "self_ms_per_step": (getattr(e, key, 0) or 0) / 1e3 / len(todo),
+             "calls_per_step": e.count / len(todo)} for e in top]
+    syncs = {e.key: e.count / len(todo) for e in ev if any(e.key.startswith(k) for k in SYNC_OPS)}
+    launches = sum(e.count for e in ev if e.key.startswith("cudaLaunchKernel")) / len(todo)
+    print(f"== {method}: {step_ms:.2f} ms/step (unprofiled), kernel launches/step {launches:.0f}, syncs/step {syncs}",
+          file=sys.stderr)
+    for r in rows:
+        print(f"   {r['self_ms_per_step']:8.3f} ms  x{r['calls_per_step']:6.1f}  {r['op'][:90]}", file=sys.stderr)
+    return {"step_ms": step_ms, "kernel_launches_per_step": launches, "syncs_per_step": syncs, "top": rows}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="5 steps (CPU by default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--methods", default="lora,sparsegrad")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--grad-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--sparse-state", default="auto", choices=["auto", "compact", "dense"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--out", default=None, help="also write the figures to this JSON file")
+    args = ap.parse_args()
+    if args.steps is None:
+        args.steps = 5 if args.quick else 20
+    out = {"benchmark": "sparsegrad_profile", "device": args.device, "steps": args.steps,
+           "sparse_state": args.sparse_state, "methods": {}}
+    for m in args.methods.split(","):
+        out["methods"][m] = profile_method(m, args)
+    base = out["methods"].get("lora")
+    if base:
+        out["speed_vs_lora"] = {m: base["step_ms"] / r["step_ms"] for m, r in out["methods"].items()}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
