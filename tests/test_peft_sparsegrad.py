@@ -188,6 +188,42 @@ def test_dense_and_compact_adam_state_give_identical_updates():
         other.step()
 
 
+def test_optimizer_skips_coalescing_one_backward_and_sums_accumulated_gradients(monkeypatch):
+    """One backward's sparse gradient is used as selected (no coalesce: a sort and host syncs on a GPU); gradients
+    accumulated over two backwards are coalesced, their shared entries summed, before the step."""
+    calls = []
+    real = torch.Tensor.coalesce
+    monkeypatch.setattr(torch.Tensor, "coalesce", lambda self: calls.append(1) or real(self))
+    b1, b2 = itertools.islice(bert_batches(seed=7), 2)
+    for layout in ("compact", "dense"):
+        a, c = sparsegrad_bert(density=0.1), sparsegrad_bert(density=0.1)
+        oa = SparseGradOptimizer(a, lr=1e-2, state_layout=layout)
+        oc = SparseGradOptimizer(c, lr=1e-2, state_layout=layout)
+        a(**b1).loss.backward()
+        c(**b1).loss.backward()
+        for _, l in sparse_layers(c):  # the reference: the same gradient, coalesced by hand
+            l.rotated_weight.grad = real(l.rotated_weight.grad)
+        calls.clear()
+        oa.step()
+        assert not calls
+        oc.step()
+        for (n, la), (_, lc) in zip(sparse_layers(a), sparse_layers(c)):
+            assert torch.equal(la.rotated_weight, lc.rotated_weight), n
+        # two backwards before a step: 2k entries, some shared, summed by coalescing
+        oa.zero_grad()
+        a(**b1).loss.backward()
+        a(**b2).loss.backward()
+        layers = sparse_layers(a)
+        grads = {n: real(l.rotated_weight.grad).to_dense() for n, l in layers}
+        before = {n: l.rotated_weight.detach().clone() for n, l in layers}
+        calls.clear()
+        oa.step()
+        assert len(calls) == len(layers)
+        for n, l in layers:
+            changed = l.rotated_weight.detach() != before[n]
+            assert torch.equal(changed, grads[n] != 0), n  # the entries of the summed gradient moved, no other
+
+
 def test_revert_is_exact_and_state_dict_round_trips():
     model = sparsegrad_bert(density=0.2)
     opt = SparseGradOptimizer(model, lr=1e-2)

@@ -250,10 +250,16 @@ class SparseGradOptimizer(torch.optim.Optimizer):
     def _sparse_step(self, p, st, t, lr, b1, b2, eps):
         g = p.grad
         if g.is_sparse:
-            g = g.coalesce()
-            r, c = g.indices()
+            # autograd drops the coalesced flag when it stores a sparse gradient, but one backward's selection (k
+            # entries from sparsegrad_topk_grad: distinct, ascending) needs no coalescing, which is a sort and
+            # several host syncs on a GPU; a gradient accumulated over several backwards (more than k entries) is
+            # coalesced, so that its repeated entries are summed
+            layer = self._layers.get(id(p))
+            if not g.is_coalesced() and not (layer is not None and g._nnz() == layer.k):
+                g = g.coalesce()
+            r, c = g._indices()
             idx = r * p.shape[1] + c
-            val = g.values()
+            val = g._values()
         else:  # a dense gradient (e.g. from another backward): treat its nonzeros as the selected entries
             flat = g.reshape(-1)
             idx = flat.nonzero().squeeze(1)
