@@ -77,7 +77,7 @@ def load_shared_m(path: str, numbers: list[int], max_len: int) -> torch.Tensor:
 
 def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, shared_m=None, log=print,
              on_length=None, warm: bool = False, vectors_out: dict | None = None, start: dict | None = None,
-             resume: dict | None = None, labels: list | None = None) -> dict:
+             resume: dict | None = None, labels: list | None = None, log_every: int = 0) -> dict:
     """The ladder. ``warm``: each rung starts from the vectors of the rung below (the curriculum of
     ``FitConfig.grow_from`` with the ladder's lengths as its stages); its "steps"/"seconds" are then the rung's
     own and "steps_total"/"seconds_total" include the rungs below. ``vectors_out``: filled with {N: {passage index:
@@ -87,7 +87,8 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
     its first rung (steps/seconds of that earlier run are not in the totals). ``resume``: {text index: vectors} —
     the first rung starts from these instead (an earlier run's not-yet-exact vectors of that rung: a fit resumed
     with a fresh schedule; needs ``start`` for the capacity below it). ``labels``: the texts' names in error
-    messages (passage numbers; default: their index)."""
+    messages (passage numbers; default: their index). ``log_every``: a line every that many fitting steps (each
+    text's best token accuracy so far, seconds a step); 0: none."""
     from scalerec.llm import decode, fit_ar, fit_one_step
 
     dmode = "ar" if mode == "ar" else "one-step"
@@ -111,6 +112,15 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
             raise ValueError("resume: needs start, and vectors for every text")
         prev = dict(resume)
     spent = {i: (0, 0.0) for i in range(len(texts))}
+    clock = {"t": 0.0}
+
+    def on_step(step, best_accuracy, active, seconds):
+        clock["t"] = seconds if step == 1 else clock["t"] + seconds  # a fit (rung) starts its own count
+        if log_every and step % log_every == 0:
+            log(f"[{mode}] N={n} step {step}: best accuracy {[round(float(a), 4) for a in best_accuracy]}, "
+                f"{int(active.sum())} texts active, {clock['t'] / log_every:.3f} s a step")
+            clock["t"] = 0.0
+
     for n in lengths:
         if not alive:
             break
@@ -118,9 +128,9 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
         init = torch.stack([prev[i] for i in alive]) if prev else None
         t0 = time.perf_counter()
         if mode == "ar":
-            res = fit_ar(lm, toks, n_mem=1, config=cfg, init=init)
+            res = fit_ar(lm, toks, n_mem=1, config=cfg, init=init, on_step=on_step)
         else:
-            res = fit_one_step(lm, toks, cfg, shared_m=shared_m, init=init)
+            res = fit_one_step(lm, toks, cfg, shared_m=shared_m, init=init, on_step=on_step)
         wall = time.perf_counter() - t0
         # the claim checked the way a user reads it back: decode (one forward pass / greedy generation) from the
         # fitted vectors alone and compare with the text
@@ -318,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ray-texts", type=int, default=None, help="texts of the Ray scaling job (default 8; quick 4)")
     ap.add_argument("--ray-steps", type=int, default=None, help="fixed steps per text in the Ray job (default 40)")
+    ap.add_argument("--log-every", type=int, default=100,
+                    help="a progress line every N fitting steps (best accuracy per text, s a step); 0: none")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--plot", nargs="+", default=None, metavar="JSON",
                     help="only plot steps-to-exact vs N from these --json-out files (to --plot-out) and exit")
@@ -435,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             figures[f"capacity_{mode}"] = capacity(
                 lm, "ar" if mode == "ar" else "one-step", lengths, texts, cfg, shared_m=shared, log=log,
                 on_length=on_length, warm=args.warm_ladder, vectors_out=vecs, start=start, resume=resume,
-                labels=numbers)
+                labels=numbers, log_every=args.log_every)
             figures.pop(f"partial_{mode}", None)
             save_partial()  # (the vectors were saved after the last rung)
     if "entropy" in sections:  # cheap: one forward pass per passage

@@ -91,12 +91,17 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--grad-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--grad-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto: bfloat16 on a GPU or a CPU with AVX512-BF16/AMX, else float32")
     ap.add_argument("--sparse-state", default="auto", choices=["auto", "compact", "dense"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--out", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
+    if args.grad_dtype == "auto":
+        from scalerec.peft.config import fast_grad_dtype
+
+        args.grad_dtype = fast_grad_dtype(args.device)
     if args.steps is None:
         args.steps = 5 if args.quick else 20
     out = {"benchmark": "sparsegrad_profile", "device": args.device, "steps": args.steps,

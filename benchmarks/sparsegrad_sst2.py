@@ -102,8 +102,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (runs are sequential)")
-    ap.add_argument("--grad-dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                    help="dtype of SparseGrad/MeProp weight-gradient GEMMs")
+    ap.add_argument("--grad-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="dtype of SparseGrad/MeProp weight-gradient GEMMs (auto: bfloat16 on a GPU or a CPU with "
+                         "AVX512-BF16/AMX, else float32)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU memory: torch's allocator peak)")
     ap.add_argument("--model", default=None, help="model folder or alias (default: minilm; --lm: smollm2)")
     ap.add_argument("--max-length", type=int, default=None, help="SST-2 tokens per sentence (default 32)")
@@ -111,6 +112,11 @@ def main() -> int:
                     help="SparseGrad/MeProp Adam moments: compact entry set or dense (auto: dense on a GPU)")
     ap.add_argument("--out", default=None, help="also write all runs and the summary to this JSON file")
     args = ap.parse_args()
+    if args.grad_dtype == "auto":
+        sys.path.insert(0, ROOT)
+        from scalerec.peft.config import fast_grad_dtype
+
+        args.grad_dtype = fast_grad_dtype(args.device)
     if args.worker:
         worker(json.loads(args.worker))
         return 0

@@ -224,6 +224,15 @@ def test_optimizer_skips_coalescing_one_backward_and_sums_accumulated_gradients(
             assert torch.equal(changed, grads[n] != 0), n  # the entries of the summed gradient moved, no other
 
 
+def test_fast_grad_dtype_follows_the_hardware():
+    from scalerec.peft.config import fast_grad_dtype
+
+    assert fast_grad_dtype("cuda") == fast_grad_dtype("cuda:1") == "bfloat16"
+    with open("/proc/cpuinfo") as f:
+        bf16 = any(("avx512_bf16" in ln.split() or "amx_bf16" in ln.split()) for ln in f if ln.startswith("flags"))
+    assert fast_grad_dtype("cpu") == ("bfloat16" if bf16 else "float32")
+
+
 def test_revert_is_exact_and_state_dict_round_trips():
     model = sparsegrad_bert(density=0.2)
     opt = SparseGradOptimizer(model, lr=1e-2)

@@ -159,7 +159,7 @@ def _check_tokens(lm: LoadedLM, token_lists: list[list[int]], extra: int) -> Non
 
 def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, cfg: FitConfig,
          shared_m: torch.Tensor | None = None, init: torch.Tensor | None = None,
-         record_history: bool = False, progress=None) -> list[FitResult]:
+         record_history: bool = False, progress=None, on_step=None) -> list[FitResult]:
     dev, dt = lm.device, lm.dtype
     B = len(token_lists)
     extra = n_vectors if mode == "ar" else 0
@@ -191,7 +191,9 @@ def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, 
     patience = [restart_patience_for(cfg, len(t)) for t in token_lists]  # all None when restarts are off
     patience = None if None in patience else torch.tensor(patience, dtype=torch.long)
 
+    it = 0
     while bool(active.any()):
+        it += 1
         t0 = time.perf_counter()
         idx = active.nonzero().flatten()
         L = int(lengths[idx].max())
@@ -274,6 +276,8 @@ def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, 
         active[fin] = False
         if progress is not None:
             progress(n_done=int(len(fin)), tokens=int(lengths[fin].sum()), n_active=int(active.sum()))
+        if on_step is not None:
+            on_step(step=it, best_accuracy=best_acc.clone(), active=active.clone(), seconds=dt_step)
 
     out = []
     for i, toks in enumerate(token_lists):
@@ -296,7 +300,7 @@ def prefix_stages(n_tokens: int, grow_from: int | None) -> list[int]:
 
 def _fit_growing(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, cfg: FitConfig,
                  shared_m: torch.Tensor | None = None, init: torch.Tensor | None = None,
-                 record_history: bool = False, progress=None) -> list[FitResult]:
+                 record_history: bool = False, progress=None, on_step=None) -> list[FitResult]:
     """``_fit`` through growing prefixes (``cfg.grow_from``): stage s fits every text's first ``L_s`` tokens
     (all of it when shorter), warm-started from its vectors of stage s - 1. Both modes read the text causally, so
     vectors that reproduce a prefix are already a partial solution for the longer text. A text takes part in the
@@ -305,7 +309,7 @@ def _fit_growing(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mod
     stages = prefix_stages(max(len(t) for t in token_lists), cfg.grow_from)
     if len(stages) == 1:  # _fit checks the texts itself
         return _fit(lm, token_lists, n_vectors, mode, cfg, shared_m=shared_m, init=init,
-                    record_history=record_history, progress=progress)
+                    record_history=record_history, progress=progress, on_step=on_step)
     _check_tokens(lm, token_lists, n_vectors if mode == "ar" else 0)  # the whole texts, before the short stages
     B, d = len(token_lists), lm.hidden_size
     vecs = None if init is None else init.detach().float().cpu().reshape(B, n_vectors, d).clone()
@@ -317,7 +321,7 @@ def _fit_growing(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mod
             break
         start = None if vecs is None else vecs[part]  # None: the first stage initialises as _fit does
         res = _fit(lm, [token_lists[i][:L] for i in part], n_vectors, mode, cfg, shared_m=shared_m, init=start,
-                   record_history=record_history)
+                   record_history=record_history, on_step=on_step)
         if vecs is None:
             vecs = torch.zeros(B, n_vectors, d)
         for i, r in zip(part, res):
@@ -353,21 +357,26 @@ def _as_token_lists(lm: LoadedLM, texts) -> list[list[int]]:
 
 
 def fit_one_step(lm: LoadedLM, texts, config: FitConfig | None = None, shared_m: torch.Tensor | None = None,
-                 init: torch.Tensor | None = None, record_history: bool = False, progress=None) -> list[FitResult]:
+                 init: torch.Tensor | None = None, record_history: bool = False, progress=None,
+                 on_step=None) -> list[FitResult]:
     """Fit ``[e, m]`` per text (or ``[e]`` with a given ``shared_m``) for one-step decoding.
 
-    ``texts``: strings or lists of token ids (one-step fitting reproduces exactly these ids).
+    ``texts``: strings or lists of token ids (one-step fitting reproduces exactly these ids). ``progress(n_done,
+    tokens, n_active)`` is called after every step with the texts finished in it; ``on_step(step, best_accuracy,
+    active, seconds)`` too, with every text's best token accuracy so far and the step's seconds (for a log).
     """
     cfg = config or FitConfig()
     toks = _as_token_lists(lm, texts)
     n = 1 if shared_m is not None else 2
     return _fit_growing(lm, toks, n, "one-step", cfg, shared_m=shared_m, init=init, record_history=record_history,
-                        progress=progress)
+                        progress=progress, on_step=on_step)
 
 
 def fit_ar(lm: LoadedLM, texts, n_mem: int = 1, config: FitConfig | None = None, init: torch.Tensor | None = None,
-           record_history: bool = False, progress=None) -> list[FitResult]:
-    """Fit ``n_mem`` [mem] vectors per text, prepended to the teacher-forced text (autoregressive decoding)."""
+           record_history: bool = False, progress=None, on_step=None) -> list[FitResult]:
+    """Fit ``n_mem`` [mem] vectors per text, prepended to the teacher-forced text (autoregressive decoding);
+    ``progress`` and ``on_step`` as in :func:`fit_one_step`."""
     cfg = config or FitConfig()
     toks = _as_token_lists(lm, texts)
-    return _fit_growing(lm, toks, n_mem, "ar", cfg, init=init, record_history=record_history, progress=progress)
+    return _fit_growing(lm, toks, n_mem, "ar", cfg, init=init, record_history=record_history, progress=progress,
+                        on_step=on_step)

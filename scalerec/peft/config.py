@@ -30,6 +30,20 @@ def _check_density_and_k(owner: str, density: float, k: int | None) -> None:
 GRAD_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
+def fast_grad_dtype(device: str = "cpu") -> str:
+    """The faster weight-gradient dtype here: "bfloat16" on a GPU or a CPU with bf16 matrix instructions
+    (AVX512-BF16 or AMX), else "float32" — without them torch's CPU bf16 GEMMs are emulated, 5-60x slower than
+    float32 (measured on an AVX2 EPYC: a [2048, 1536]ᵀ x [2048, 384] product 31 ms in float32, 203 ms in bf16)."""
+    if str(device).startswith("cuda"):
+        return "bfloat16"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+    except OSError:
+        return "float32"
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+
+
 def _check_grad_dtype(owner: str, grad_dtype: str) -> None:
     if grad_dtype not in GRAD_DTYPES:
         raise ValueError(f"{owner}.grad_dtype must be one of {sorted(GRAD_DTYPES)}, got {grad_dtype!r}")
