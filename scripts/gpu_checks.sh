@@ -4,7 +4,10 @@
 #   2. the CUDA kernels against the pure-PyTorch references (tests/test_cuda_ops.py);
 #   3. SparseGrad vs LoRA on the GPU: MiniLM-L6 on SST-2 (benchmarks/sparsegrad_sst2.py --device cuda);
 #   4. the LLM capacity ladders on the GPU (benchmarks/llm_capacity.py): one-step, AR and shared m, as three
-#      processes sharing the GPU (per-text seconds are therefore those of a shared GPU).
+#      processes sharing the GPU (per-text seconds are therefore those of a shared GPU). Each fitting step is
+#      launch-bound: on an H200 three such processes ran ~20 ms a step each, but on an H100 five ran > 70 ms and
+#      two > 44 ms a step each (2026-11-26; no rung of 3,000-4,000 steps finished in ~200 s). Prefer one process
+#      with the texts batched (a batch of 5 costs about what one text does); the logs show s a step (--log-every).
 #
 #   OUT=gpu_out [MINILM=model_folder] [SMOLLM=file.gguf] [SKIP="sparsegrad llm"] [LLM_WARM=1] bash scripts/gpu_checks.sh
 #
@@ -53,7 +56,7 @@ fi
 if [[ " $SKIP " != *" llm "* ]]; then
   say "llm_capacity: one-step, ar, shared-m in parallel (timeout ${LLM_TIMEOUT}s each)"
   common=(--model "$SMOLLM" --device cuda --dtype float32 --tf32 --sections capacity --passages 5
-          --max-steps "$LLM_STEPS" --fit restart_patience=0)
+          --max-steps "$LLM_STEPS" --fit restart_patience=0 --log-every 200)
   [ -n "${LLM_WARM:-}" ] && common+=(--warm-ladder)
   timeout "$LLM_TIMEOUT" $PY benchmarks/llm_capacity.py "${common[@]}" --modes one-step --lengths ${ONE_LENGTHS:-64,128,192,256} \
     --json-out "$OUT/cap_one.json" >"$OUT/cap_one.log" 2>&1 &

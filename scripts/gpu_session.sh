@@ -4,8 +4,11 @@
 #
 #   OUT=dir SMOLLM=file.gguf MINILM=folder [DEADLINE=540] bash scripts/gpu_session.sh
 #
-# Timeline: the capacity fits start at once (five processes sharing the GPU; each batch is launch-bound, so they
-# overlap well); once the extension is built (scripts/gpu_checks.sh step 1, started earlier) the CUDA tests run;
+# What happened (H100, 2026-11-26): the SparseGrad part ran as planned (benchmarks/results/gpu_h100/), but the
+# five fitting processes shared the GPU badly (> 70 ms a step each): of their rungs only AR passage 4 at 32 tokens
+# finished. They ran without --log-every, which is now passed. Next time: one process, texts batched.
+#
+# Timeline: the capacity fits start at once (five processes sharing the GPU); once the extension is built (scripts/gpu_checks.sh step 1, started earlier) the CUDA tests run;
 # then the fits are paused (SIGSTOP) while the SparseGrad benchmarks have the GPU to themselves, and resumed
 # (SIGCONT) until DEADLINE seconds after the start, when whatever rung is unfinished is stopped (each finished
 # rung's JSON and vectors are already on disk). Everything lands in $OUT/results.tgz (+ log.txt).
@@ -26,7 +29,7 @@ RES=benchmarks/results
 cap() {  # name, args...
   local name=$1; shift
   OMP_NUM_THREADS=1 timeout $(( DEADLINE - 15 - ($(date +%s) - T0) )) $PY benchmarks/llm_capacity.py \
-    --model "$SMOLLM" --device cuda --dtype float32 --sections capacity --fit restart_patience=0 \
+    --model "$SMOLLM" --device cuda --dtype float32 --sections capacity --fit restart_patience=0 --log-every 200 \
     --json-out "$R/$name.json" --vectors-out "$R/$name.pt" "$@" > "$R/$name.log" 2>&1 &
   echo $! > "$R/$name.pid"
 }
