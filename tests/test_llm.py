@@ -158,11 +158,21 @@ def test_growing_fit_warm_starts_each_stage_from_the_last(lm, mode):
     prefix right (causal reading), and the result counts the steps of all its stages."""
     short, long_ = passage_ids(lm, 3, 0), passage_ids(lm, 12, 1)
     cfg = FitConfig(grow_from=4)
-    done = []
-    fit = (lambda t: fit_one_step(lm, t, cfg, record_history=True, progress=lambda **kw: done.append(kw))) \
-        if mode == "one-step" else \
-        (lambda t: fit_ar(lm, t, n_mem=1, config=cfg, record_history=True, progress=lambda **kw: done.append(kw)))
+    done, steps = [], []
+    hooks = dict(record_history=True, progress=lambda **kw: done.append(kw), on_step=lambda **kw: steps.append(kw))
+    fit = (lambda t: fit_one_step(lm, t, cfg, **hooks)) if mode == "one-step" else \
+        (lambda t: fit_ar(lm, t, n_mem=1, config=cfg, **hooks))
     res = fit([short, long_])
+    # on_step: once per step of each stage (counted from 1 in each), best accuracies never fall within a stage and
+    # are all 1.0 at a stage's last step
+    starts = [i for i, kw in enumerate(steps) if kw["step"] == 1]
+    assert len(starts) == 3 and starts[0] == 0
+    for a, b in zip(starts, starts[1:] + [len(steps)]):
+        stage = steps[a:b]
+        assert [kw["step"] for kw in stage] == list(range(1, len(stage) + 1))
+        acc = torch.stack([kw["best_accuracy"] for kw in stage])
+        assert bool((acc[1:] >= acc[:-1]).all()) and bool((acc[-1] == 1.0).all())
+        assert int(stage[-1]["active"].sum()) == 0 and all(kw["seconds"] > 0 for kw in stage)
     assert [r.accuracy for r in res] == [1.0, 1.0]
     assert [r.token_ids for r in res] == [short, long_]
     assert [len(r.history) for r in res] == [r.steps for r in res]

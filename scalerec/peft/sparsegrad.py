@@ -287,7 +287,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                 continue
             st = self.state[p]
             dense = self.state_layout == "dense" or (self.state_layout == "auto" and p.device.type != "cpu")
-            if dense != ("idx" not in st and "m" in st) and "m" in st:
+            if "m" in st and dense == ("idx" in st):  # the compact state has an entry set, the dense one not
                 raise ValueError(f"SparseGradOptimizer: this optimizer keeps {'dense' if dense else 'compact'} "
                                  "moments, but the loaded state has the other layout; use the state_layout it was "
                                  "saved with")
@@ -353,6 +353,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
             st["t"] = torch.cat([st["t"], torch.zeros_like(new, dtype=torch.int32)])[order]
             pos = torch.searchsorted(merged, key)
         return pos
+
 
 def freeze_except_head(model: nn.Module, head_names: Iterable[str] = ("classifier", "score")) -> None:
     """Freeze every parameter except those of the SparseGrad/MeProp layers and of the named head modules."""
