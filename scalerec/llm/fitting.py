@@ -362,8 +362,9 @@ def fit_one_step(lm: LoadedLM, texts, config: FitConfig | None = None, shared_m:
     """Fit ``[e, m]`` per text (or ``[e]`` with a given ``shared_m``) for one-step decoding.
 
     ``texts``: strings or lists of token ids (one-step fitting reproduces exactly these ids). ``progress(n_done,
-    tokens, n_active)`` is called after every step with the texts finished in it; ``on_step(step, best_accuracy,
-    active, seconds)`` too, with every text's best token accuracy so far and the step's seconds (for a log).
+    tokens, n_active)`` is called with the texts finished (after every step; after every stage with ``grow_from``);
+    ``on_step(step, best_accuracy, active, seconds)`` after every step of every stage (steps counted from 1 in
+    each), with each text's best token accuracy so far and the step's seconds (for a log).
     """
     cfg = config or FitConfig()
     toks = _as_token_lists(lm, texts)
