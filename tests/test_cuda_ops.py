@@ -195,16 +195,17 @@ def test_sparsegrad_layer_on_cuda():
     torch.testing.assert_close(model(x).detach(), y0, atol=1e-5, rtol=1e-5)
     layer = model[0]
     opt = SparseGradOptimizer(model, lr=1e-2, sparse_lr=1e-2)
-    w0 = layer.rotated_weight.detach().clone()
+    w0 = layer.rotated_weight.double()
     model(x).pow(2).sum().backward()
+    sel = layer.weight.grad.coalesce().to_dense() != 0
     opt.step()
-    assert int((layer.rotated_weight.detach() != w0).sum()) == 40
-    torch.testing.assert_close(layer.w_eff, layer.dense_weight(), atol=1e-5, rtol=1e-5)
-    st = opt.state[layer.rotated_weight]
+    change = (layer.rotated_weight.double() - w0).abs()  # round-off of the float32 W outside the k entries
+    assert int(sel.sum()) == 40 and torch.equal(change > 1e-4, sel)
+    st = opt.state[layer.weight]
     assert "idx" not in st and st["m"].numel() == 48 * 32  # "auto": dense moments on the GPU (no host sync)
     # the same step with the compact layout gives the same weights
     model2 = torch.nn.Sequential(SparseGradLinear(lin_copy, uo, ui, k=40))
     opt2 = SparseGradOptimizer(model2, lr=1e-2, sparse_lr=1e-2, state_layout="compact")
     model2(x).pow(2).sum().backward()
     opt2.step()
-    assert torch.equal(model2[0].rotated_weight, layer.rotated_weight)
+    assert torch.equal(model2[0].weight, layer.weight)

@@ -74,18 +74,36 @@ def test_opcheck():
 
 @pytest.mark.parametrize("use_reference", [False, True])
 def test_sparse_linear_gradcheck_density_one(use_reference):
-    """With k = out*in the sparse backward is the exact gradient w.r.t. x, W~ and b of x (U_out W~ U_inᵀ)ᵀ + b."""
+    """With k = out*in the sparse backward is the exact gradient w.r.t. x, W~ and b of x (U_out W~ U_inᵀ)ᵀ + b.
+
+    The op takes W = U_out W~ U_inᵀ and returns W's gradient in the rotated basis (w.r.t. W~), so W is formed from
+    W~ by a function whose backward passes that gradient through unchanged; gradcheck then compares it with the
+    numerical derivative with respect to W~."""
     torch.manual_seed(3)
     O, I = 5, 4
     uo, ui = _orth(O), _orth(I, seed=4)
     x = torch.randn(3, 2, I, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(O, I, dtype=torch.float64, requires_grad=True)
+    w_rot = torch.randn(O, I, dtype=torch.float64, requires_grad=True)
     b = torch.randn(O, dtype=torch.float64, requires_grad=True)
 
-    def f(x, w, b):
-        return sparse_linear(x, w, b, (uo @ w @ ui.t()).detach(), uo, ui, O * I, use_reference, sparse_grad=False)
+    class Unrotate(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w_rot):
+            return uo @ w_rot @ ui.t()
 
-    assert torch.autograd.gradcheck(f, (x, w, b))
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    def f(x, w_rot, b):
+        return sparse_linear(x, Unrotate.apply(w_rot), b, uo, ui, O * I, use_reference, sparse_grad=False)
+
+    assert torch.autograd.gradcheck(f, (x, w_rot, b))
+    # and the gradient really is the rotated one: without the rotations it would not match (the check can fail)
+    w_rot.grad = None
+    f(x, w_rot, b).sum().backward()
+    plain = torch.ones(3, 2, O, dtype=torch.float64).reshape(-1, O).t() @ x.detach().reshape(-1, I)
+    assert not torch.allclose(w_rot.grad, plain)
 
 
 def test_sparse_linear_gradient_is_topk_of_rotated_gradient():
@@ -95,7 +113,7 @@ def test_sparse_linear_gradient_is_topk_of_rotated_gradient():
     x = torch.randn(7, I, dtype=torch.float64)
     w = torch.randn(O, I, dtype=torch.float64, requires_grad=True)
     gy = torch.randn(7, O, dtype=torch.float64)
-    y = sparse_linear(x, w, None, (uo @ w @ ui.t()).detach(), uo, ui, k)
+    y = sparse_linear(x, w, None, uo, ui, k)
     y.backward(gy)
     assert w.grad.is_sparse
     dense = uo.t() @ gy.t() @ x @ ui
@@ -119,17 +137,17 @@ def test_sparse_linear_skips_zero_gradient_rows_exactly(use_reference):
     b = torch.randn(O, dtype=torch.float64, requires_grad=True)
     gy = torch.randn(3, N // 3, O, dtype=torch.float64)
     gy[:, 1:] = 0  # three rows in four carry no gradient (as all but [CLS]): they are dropped before the GEMMs
-    y = sparse_linear(x, w, b, (uo @ w @ ui.t()).detach(), uo, ui, k, use_reference=use_reference)
+    y = sparse_linear(x, w, b, uo, ui, k, use_reference=use_reference)
     y.backward(gy)
     idx, val = sparsegrad_topk_grad_reference(gy.reshape(N, O), x.detach().reshape(N, I), uo, ui, k)
     got = w.grad.coalesce()
     assert torch.equal(got.indices()[0] * I + got.indices()[1], idx)
     torch.testing.assert_close(got.values(), val, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(b.grad, gy.reshape(N, O).sum(0))
-    torch.testing.assert_close(x.grad, gy @ (uo @ w.detach() @ ui.t()))
+    torch.testing.assert_close(x.grad, gy @ w.detach())
     # all rows zero: nothing to drop, the gradient is k zero entries
     w.grad = None
-    sparse_linear(x.detach(), w, None, (uo @ w @ ui.t()).detach(), uo, ui, k).backward(torch.zeros(3, N // 3, O,
+    sparse_linear(x.detach(), w, None, uo, ui, k).backward(torch.zeros(3, N // 3, O,
                                                                                                   dtype=torch.float64))
     assert w.grad.coalesce().values().abs().sum() == 0
 

@@ -8,8 +8,8 @@ basis). ``sparsegrad_rotated_update_(weight, u_out, u_in, indices, delta)`` adds
 forward weight ``W = U_out W~ U_inᵀ`` in step with a sparse change of ``W~`` without re-forming it.
 
 ``sparse_linear`` is the differentiable face: ``y = x Wᵀ + b`` whose backward returns an exact input
-gradient, the ordinary bias gradient and a sparse (COO) gradient for the rotated weight ``W~`` holding only
-the top-k entries. Each op has a pure-PyTorch reference (``*_reference``) that the tests compare against.
+gradient, the ordinary bias gradient and, for ``W``, a sparse (COO) gradient in the rotated basis: the top-k
+entries of the gradient with respect to ``W~ = U_outᵀ W U_in``. Each op has a pure-PyTorch reference (``*_reference``) that the tests compare against.
 """
 from __future__ import annotations
 
@@ -74,26 +74,24 @@ def sparsegrad_rotated_update_reference(weight, u_out, u_in, indices, delta):
 
 # --------------------------------------------------------------------------- the differentiable layer op
 class _SparseLinear(torch.autograd.Function):
-    """y = x W_effᵀ + b, where W_eff = U_out W~ U_inᵀ is passed in already formed (not differentiated).
-
-    Backward: grad_x = grad_y W_eff (exact), grad_b = Σ grad_y, grad_W~ = top-k of U_outᵀ grad_yᵀ x U_in as a
-    sparse COO tensor of W~'s shape.
-    """
+    """y = x Wᵀ + b. Backward: grad_x = grad_y W (exact), grad_b = Σ grad_y, and for W the top-k entries of the
+    ROTATED gradient ``U_outᵀ grad_yᵀ x U_in`` (the gradient with respect to ``W~ = U_outᵀ W U_in``) as a sparse
+    COO tensor of W's shape (the bases are square, so ``W~`` and ``W`` have the same shape)."""
 
     @staticmethod
-    def forward(ctx, x, w_rot, bias, w_eff, u_out, u_in, k, use_reference, sparse_grad, compute_dtype):
-        ctx.save_for_backward(x, w_eff, u_out, u_in)
-        ctx.k, ctx.use_reference, ctx.w_shape = k, use_reference, w_rot.shape
+    def forward(ctx, x, w, bias, u_out, u_in, k, use_reference, sparse_grad, compute_dtype):
+        ctx.save_for_backward(x, w, u_out, u_in)
+        ctx.k, ctx.use_reference = k, use_reference
         ctx.has_bias, ctx.sparse_grad, ctx.compute_dtype = bias is not None, sparse_grad, compute_dtype
-        return torch.nn.functional.linear(x, w_eff, bias)
+        return torch.nn.functional.linear(x, w, bias)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, w_eff, u_out, u_in = ctx.saved_tensors
+        x, w, u_out, u_in = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ w_eff.to(grad_y.dtype)
+            grad_x = grad_y @ w.to(grad_y.dtype)
         if ctx.needs_input_grad[1]:
             cd = ctx.compute_dtype or g2.dtype
             x2 = x.reshape(-1, x.shape[-1])
@@ -112,21 +110,22 @@ class _SparseLinear(torch.autograd.Function):
             fn = sparsegrad_topk_grad_reference if ctx.use_reference else sparsegrad_topk_grad
             idx, val = fn(g2.to(cd).contiguous(), x2.to(cd).contiguous(), uo, ui, ctx.k)
             val = val.to(grad_y.dtype)
-            cols = ctx.w_shape[1]
+            cols = w.shape[1]
             coords = torch.stack([idx // cols, idx % cols])
-            grad_w = torch.sparse_coo_tensor(coords, val, ctx.w_shape, is_coalesced=True, check_invariants=False)
+            grad_w = torch.sparse_coo_tensor(coords, val, w.shape, is_coalesced=True, check_invariants=False)
             if not ctx.sparse_grad:
                 grad_w = grad_w.to_dense()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-def sparse_linear(x, w_rot, bias, w_eff, u_out, u_in, k, use_reference: bool = False, sparse_grad: bool = True,
+def sparse_linear(x, w, bias, u_out, u_in, k, use_reference: bool = False, sparse_grad: bool = True,
                   compute_dtype: torch.dtype | None = None):
-    """Linear layer with SparseGrad's backward (see module docstring). ``w_eff`` must equal ``U_out w_rot U_inᵀ``
-    (or ``w_rot`` itself when both rotations are None). ``sparse_grad=False`` returns ``w_rot``'s gradient as a
-    dense tensor that is zero outside the top-k entries. ``compute_dtype`` (e.g. ``torch.bfloat16``) runs the
-    weight-gradient GEMMs and the selection in that dtype (the input gradient stays in the input's dtype)."""
-    return _SparseLinear.apply(x, w_rot, bias, w_eff, u_out, u_in, int(k), bool(use_reference), bool(sparse_grad),
+    """Linear layer ``y = x wᵀ + b`` with SparseGrad's backward (see module docstring): ``w``'s gradient is the
+    top-k of the rotated gradient ``U_outᵀ grad_yᵀ x U_in`` (the ordinary weight gradient's top-k when both
+    rotations are None), as a sparse COO tensor. ``sparse_grad=False`` returns it as a dense tensor that is zero
+    outside the top-k entries. ``compute_dtype`` (e.g. ``torch.bfloat16``) runs the weight-gradient GEMMs and the
+    selection in that dtype (the input gradient stays in the input's dtype)."""
+    return _SparseLinear.apply(x, w, bias, u_out, u_in, int(k), bool(use_reference), bool(sparse_grad),
                                compute_dtype)

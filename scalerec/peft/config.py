@@ -71,8 +71,6 @@ class SparseGradConfig:
     target_modules: one pattern per layer type (None: the model's MLP up/down projections, BERT or LLaMA).
     density: fraction of each weight's entries updated per step (default 1%); ``k`` overrides it with a count.
     calibration_steps: batches whose weight gradients are stacked per layer type for the HOSVD.
-    refresh_every: optimizer steps between exact re-formations of the dense forward weight (between them it is
-        kept in step by sparse rank updates).
     train_bias: the bias of each targeted linear is trained with its ordinary gradient.
     grad_dtype: dtype of the weight-gradient GEMMs and the top-k selection: "float32" (the parameters' dtype,
         exact) or "bfloat16"
@@ -84,7 +82,6 @@ class SparseGradConfig:
     density: float = 0.01
     k: int | None = None
     calibration_steps: int = 20
-    refresh_every: int = 100
     train_bias: bool = True
     grad_dtype: str = "float32"
     use_reference: bool = False
@@ -96,8 +93,6 @@ class SparseGradConfig:
         if isinstance(self.calibration_steps, bool) or not isinstance(self.calibration_steps, int) \
                 or self.calibration_steps < 1:
             raise ValueError(f"SparseGradConfig.calibration_steps must be an int >= 1, got {self.calibration_steps!r}")
-        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
-            raise ValueError(f"SparseGradConfig.refresh_every must be an int >= 1, got {self.refresh_every!r}")
         if self.target_modules is not None:
             self.target_modules = list(self.target_modules)
 

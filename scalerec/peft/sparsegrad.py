@@ -36,6 +36,18 @@ def _top_eigvecs(gram: torch.Tensor) -> torch.Tensor:
     return vecs.flip(-1).t().contiguous().t()
 
 
+def _orthonormal(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``u`` (orthogonal to float32 round-off) made orthonormal to the round-off of ``dtype`` (a QR in that dtype,
+    float32 for half types; the columns keep their directions), stored column-major like :func:`_top_eigvecs`.
+
+    The layer updates ``W`` by ``U_out D U_inᵀ`` and reads ``W~`` back as ``U_outᵀ W U_in``; that is the exact
+    inverse only when the bases are orthonormal, so a float64 model gets float64-orthonormal bases."""
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    q, r = torch.linalg.qr(u.to(work))
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return q.to(dtype).t().contiguous().t()
+
+
 def calibrate_bases(model: nn.Module, targets: dict[str, list[str]], batches: Iterable[Any], steps: int,
                     loss_fn: LossFn = default_loss_fn) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """HOSVD of the stacked weight gradients of each layer type, over ``steps`` calibration batches.
@@ -85,7 +97,7 @@ def calibrate_bases(model: nn.Module, targets: dict[str, list[str]], batches: It
     for t in list(grams):
         go, gi = grams.pop(t)
         dtype = modules[targets[t][0]].weight.dtype
-        bases[t] = (_top_eigvecs(go).to(dtype), _top_eigvecs(gi).to(dtype))
+        bases[t] = (_orthonormal(_top_eigvecs(go), dtype), _orthonormal(_top_eigvecs(gi), dtype))
         del go, gi
     _release_freed_memory()
     return bases
@@ -115,8 +127,8 @@ def apply_sparsegrad(model: nn.Module, config: SparseGradConfig, calibration_dat
 
     The rotations come from ``bases`` ({pattern: (U_out, U_in)}) when given, else from an HOSVD calibration over
     ``config.calibration_steps`` batches of ``calibration_data`` (``loss_fn(model, batch)`` gives the loss).
-    Only the rotated weights (and the targeted biases if ``config.train_bias``) of the targeted layers are made
-    trainable here; everything else keeps its ``requires_grad`` flag (freeze the rest yourself, e.g. with
+    Only the weights (trained through their rotated gradients) and the targeted biases if ``config.train_bias``
+    of the targeted layers are made trainable here; everything else keeps its ``requires_grad`` flag (freeze the rest yourself, e.g. with
     :func:`freeze_except_head`).
     """
     if not isinstance(config, SparseGradConfig):
@@ -135,8 +147,7 @@ def apply_sparsegrad(model: nn.Module, config: SparseGradConfig, calibration_dat
             raise ValueError(f"apply_sparsegrad: bases[{t!r}] must be ([{lin.out_features}]², [{lin.in_features}]²), "
                              f"got {tuple(u_out.shape)}, {tuple(u_in.shape)}")
     _swap(model, targets, lambda t, lin: SparseGradLinear(
-        lin, bases[t][0], bases[t][1], config.k_for(lin.out_features, lin.in_features), config.refresh_every,
-        config.train_bias, config.use_reference, GRAD_DTYPES[config.grad_dtype]))
+        lin, bases[t][0], bases[t][1], config.k_for(lin.out_features, lin.in_features), config.train_bias, config.use_reference, GRAD_DTYPES[config.grad_dtype]))
     model.sparsegrad_config = config
     _release_freed_memory()
     return model
@@ -148,7 +159,7 @@ def apply_meprop(model: nn.Module, config: MePropConfig) -> nn.Module:
         raise ValueError(f"apply_meprop: config must be a MePropConfig, got {type(config).__name__}")
     targets = find_targets(model, config.target_modules, "MePropConfig")
     _swap(model, targets, lambda t, lin: SparseGradLinear(
-        lin, None, None, config.k_for(lin.out_features, lin.in_features), 1, config.train_bias,
+        lin, None, None, config.k_for(lin.out_features, lin.in_features), config.train_bias,
         config.use_reference, GRAD_DTYPES[config.grad_dtype]))
     return model
 
@@ -158,7 +169,7 @@ def sparse_layers(model: nn.Module) -> list[tuple[str, SparseGradLinear]]:
 
 
 def revert_sparsegrad(model: nn.Module) -> nn.Module:
-    """Fold every :class:`SparseGradLinear` back into a plain ``nn.Linear`` (``W = U_out W~ U_inᵀ``), in place."""
+    """Replace every :class:`SparseGradLinear` by a plain ``nn.Linear`` with its trained weight, in place."""
     for n, m in sparse_layers(model):
         parent, child = _get_parent(model, n)
         setattr(parent, child, m.revert())
@@ -170,10 +181,11 @@ def revert_sparsegrad(model: nn.Module) -> nn.Module:
 class SparseGradOptimizer(torch.optim.Optimizer):
     """Adam for a model with SparseGrad/MeProp layers: lazy (sparse) Adam on the rotated weights, AdamW elsewhere.
 
-    A rotated weight's step touches only the entries of its sparse gradient (their moments included), so exactly
-    k entries change per step; the layer's dense forward weight is then updated by the sparse delta. The Adam
-    moments of a rotated weight are kept for the entries seen so far only (a sorted index set grown as new
-    entries get selected), so their memory follows the union of selected entries, not the weight's size.
+    A SparseGrad layer's gradient holds k entries of the rotated weight ``W~ = U_outᵀ W U_in``; the step changes
+    exactly those k entries of ``W~`` (their moments included) and the layer adds the change to its weight
+    ``W`` as ``U_out D U_inᵀ`` (``SparseGradLinear.apply_sparse_delta``; ``W~`` itself is never stored). With the
+    compact layout (below) the Adam moments are kept for the entries seen so far only (a sorted index set grown
+    as new entries get selected), so their memory follows the union of selected entries, not the weight's size.
 
     ``state_layout`` chooses how those moments are kept: ``"compact"`` (the growing entry set above: memory follows
     the selected entries, but growing the set needs the count of new entries on the host, a device sync per layer
@@ -191,7 +203,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
             raise ValueError(f"SparseGradOptimizer: state_layout must be one of {list(self.STATE_LAYOUTS)}, "
                              f"got {state_layout!r}")
         self.state_layout = state_layout
-        self._layers = {id(m.rotated_weight): m for _, m in sparse_layers(model)}
+        self._layers = {id(m.weight): m for _, m in sparse_layers(model)}
         heads = tuple(head_names)
         sparse, dense, head = [], [], []
         for n, p in model.named_parameters():
@@ -326,10 +338,11 @@ class SparseGradOptimizer(torch.optim.Optimizer):
         torch._foreach_mul_(delta, -lr)
         torch._foreach_div_(delta, den)
         for (p, st, idx, val, where), d in zip(items, delta):
-            p.view(-1).index_add_(0, idx, d)
             layer = self._layers.get(id(p))
-            if layer is not None:
+            if layer is not None:  # W += U_out D U_inᵀ (MeProp: W += D)
                 layer.apply_sparse_delta(idx, d)
+            else:
+                p.view(-1).index_add_(0, idx, d)
 
     @staticmethod
     def _compact_positions(p, st, idx, val):
@@ -362,12 +375,12 @@ def freeze_except_head(model: nn.Module, head_names: Iterable[str] = ("classifie
         parts = n.split(".")
         p.requires_grad_(any(h in parts for h in heads))
     for _, m in sparse_layers(model):
-        m.rotated_weight.requires_grad_(True)
+        m.weight.requires_grad_(True)
         if m.bias is not None:
             m.bias.requires_grad_(m.train_bias)
 
 
 def count_trainable(model: nn.Module, sparse_as_k: bool = True) -> int:
     """Trainable parameters; a SparseGrad/MeProp weight counts as its k entries updated per step."""
-    seen = {id(m.rotated_weight): m.k for _, m in sparse_layers(model)} if sparse_as_k else {}
+    seen = {id(m.weight): m.k for _, m in sparse_layers(model)} if sparse_as_k else {}
     return sum(seen.get(id(p), p.numel()) for p in model.parameters() if p.requires_grad)
