@@ -31,6 +31,43 @@ def test_model_is_frozen(lm):
     assert lm.decode_ids(lm.encode("To be, or not to be")) == "To be, or not to be"
 
 
+def test_converted_gguf_is_cached_and_loads_identically(lm, tmp_path, monkeypatch):
+    """The GGUF's float32 conversion is cached: the second load comes from the cache, in a fraction of the time,
+    with the same weights bit for bit, the same tokenizer and the same logits."""
+    import time
+
+    from scalerec.llm import load_causal_lm
+    from scalerec.llm.model import gguf_cache_dir, resolve_model
+
+    where, gguf = resolve_model("smollm2")
+    monkeypatch.setenv("SCALEREC_MODEL_CACHE", str(tmp_path / "cache"))
+    entry = gguf_cache_dir(where, gguf)
+    assert entry.parent == tmp_path / "cache" and entry.name.startswith(gguf[:-len(".gguf")])
+    ref = lm
+    if lm.source != "gguf":  # the session's copy came from a cache itself: convert once more for the reference
+        monkeypatch.setenv("SCALEREC_MODEL_CACHE", "off")
+        ref = load_causal_lm("smollm2", dtype="float32", device="cpu")
+        assert ref.source == "gguf"
+        monkeypatch.setenv("SCALEREC_MODEL_CACHE", str(tmp_path / "cache"))
+    from scalerec.llm.model import _write_cache
+
+    _write_cache(entry, ref.model, ref.tokenizer)
+    assert not [p for p in entry.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
+    t = time.perf_counter()
+    got = load_causal_lm("smollm2", dtype="float32", device="cpu")
+    assert got.source == "cache" and time.perf_counter() - t < 20
+    a, b = ref.model.state_dict(), got.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert got.model.lm_head.weight.data_ptr() == got.model.get_input_embeddings().weight.data_ptr()  # still tied
+    text = "To be, or not to be: that is the question.\n\nKING LEAR:"
+    assert got.encode(text) == ref.encode(text) and got.sink_id == ref.sink_id and got.name == ref.name
+    x = torch.tensor([ref.encode(text)])
+    with torch.no_grad():
+        assert torch.equal(got.model(x).logits, ref.model(x).logits)
+    monkeypatch.setenv("SCALEREC_MODEL_CACHE", "off")
+    assert gguf_cache_dir(where, gguf) is None
+
+
 def test_inputs_start_with_the_sink_token(lm):
     from scalerec.llm.inputs import n_sink, one_step_inputs
 
@@ -82,12 +119,15 @@ def test_batch_of_different_lengths_fits_each_text_independently(lm):
     # and Adam turns rounding-level gradients into full-size steps), so their per-step token accuracies can differ
     # where an argmax is nearly tied (a clean-clone CI run with 2 threads failed on this test). In float64 there
     # is no rounding to amplify: the batched fit IS the lone fit, step for step (every step's token accuracy)
-    # and vector for vector.
+    # and vector for vector. A 30-step budget keeps the float64 fits short: the 4-token text is exact after ~19
+    # steps and leaves the batch; the 8-token one (~50 steps in float64) goes on alone to the budget.
     lm64 = dataclasses.replace(lm, model=copy.deepcopy(lm.model).to(torch.float64), dtype=torch.float64)
-    both64 = fit_one_step(lm64, [short, long_], cfg, record_history=True)
+    cfg64 = FitConfig(max_steps=30)
+    both64 = fit_one_step(lm64, [short, long_], cfg64, record_history=True)
+    assert both64[0].accuracy == 1.0 and both64[0].steps < both64[1].steps == 30
     for got, toks in zip(both64, (short, long_)):
-        ref = fit_one_step(lm64, [toks], cfg, record_history=True)[0]
-        assert got.steps == ref.steps and got.accuracy == 1.0
+        ref = fit_one_step(lm64, [toks], cfg64, record_history=True)[0]
+        assert got.steps == ref.steps and got.accuracy == ref.accuracy
         assert got.history == ref.history
         torch.testing.assert_close(got.vectors, ref.vectors, atol=1e-4, rtol=1e-4)
     del lm64
@@ -97,7 +137,7 @@ def test_shared_m_leaves_one_vector_per_text(lm):
     from scalerec.llm import fit_shared_m
 
     corpus = [passage_ids(lm, 6, i) for i in range(2, 6)]
-    shared = fit_shared_m(lm, corpus, steps=200)
+    shared = fit_shared_m(lm, corpus, steps=100)  # the e fit below then needs ~56 steps of its 400
     assert shared.m.shape == (576,)
     new = passage_ids(lm, 6, 0)
     res = fit_one_step(lm, [new], shared_m=shared.m)[0]

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,7 @@ class LoadedLM:
     device: torch.device
     dtype: torch.dtype
     sink_id: int | None = None  # token placed in front of the fitted vectors (scalerec/llm/inputs.py); None: none
+    source: str = ""  # where the weights came from: "gguf" (converted now), "cache" (gguf_cache_dir) or "hf"
 
     @property
     def embedding(self) -> torch.nn.Embedding:
@@ -101,18 +105,92 @@ def load_causal_lm(spec: str, gguf_file: str | None = None, dtype: str | torch.d
     else:
         dt = dtype
     kwargs = {"gguf_file": gguf} if gguf else {}
+    cache = gguf_cache_dir(where, gguf) if gguf else None
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # GGUF dequantisation is chatty
     try:
-        tok = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dt, **kwargs)
+        tok = model = None
+        source = "gguf" if gguf else "hf"
+        if cache is not None and (cache / _COMPLETE).exists():
+            try:
+                tok = AutoTokenizer.from_pretrained(cache)
+                model = AutoModelForCausalLM.from_pretrained(cache, dtype=dt)
+                source = "cache"
+            except (OSError, ValueError) as exc:  # a damaged cache entry: convert the GGUF again
+                warnings.warn(f"scalerec: ignoring the converted-model cache {cache} ({exc}); loading the GGUF")
+                tok = model = None
+        if model is None:
+            tok = AutoTokenizer.from_pretrained(where, **kwargs)
+            # dequantised to float32 once, so that the cached copy serves every dtype
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32 if cache else dt, **kwargs)
+            if cache is not None:
+                _write_cache(cache, model, tok)
+            model.to(dt)
     finally:
         hf_logging.set_verbosity(verbosity)
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
     name = spec if not gguf else f"{Path(where).name}/{gguf}" if spec.lower() not in BUNDLED else spec.lower()
-    return LoadedLM(model=model, tokenizer=tok, name=name, device=dev, dtype=dt, sink_id=_sink_id(tok, sink))
+    return LoadedLM(model=model, tokenizer=tok, name=name, device=dev, dtype=dt, sink_id=_sink_id(tok, sink),
+                    source=source)
+
+
+_COMPLETE = ".scalerec-complete"
+
+
+def gguf_cache_dir(where: str, gguf: str) -> Path | None:
+    """Where the float32 conversion of a GGUF model is kept (None: caching is off).
+
+    Dequantising a GGUF and building its tokenizer takes ~30 s on a CPU, and every Ray worker of an encoding job
+    would pay it again; the converted model (safetensors + tokenizer files, ~0.5 GB for SmolLM2-135M) loads in a
+    few seconds. ``SCALEREC_MODEL_CACHE``: a directory, or ``off``; default ``~/.cache/scalerec/models``
+    (``$XDG_CACHE_HOME`` respected). An entry is keyed by the GGUF's name, size and modification time.
+    """
+    setting = os.environ.get("SCALEREC_MODEL_CACHE", "").strip()
+    if setting.lower() in ("off", "0", "false", "no", "none"):
+        return None
+    if setting:
+        root = Path(setting).expanduser()
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scalerec" / "models"
+    src = Path(where) / gguf
+    try:
+        st = src.stat()
+    except OSError:
+        return None  # not a local file (a hub id): nothing to key the entry on
+    return root / f"{src.stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def _write_cache(cache: Path, model, tok) -> None:
+    """Save the converted model next to the final entry and rename it into place (atomic: concurrent workers
+    converting the same GGUF leave one complete entry, never a partial one). Failing to write is a warning."""
+    tmp = cache.parent / f".{cache.name}.tmp-{os.getpid()}"
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        # transformers refuses save_pretrained for a model it loaded from a GGUF (it counts as quantized), but the
+        # weights are plain dequantised tensors: write them and the config as a regular checkpoint
+        from safetensors.torch import save_model
+
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["torch_dtype"] = config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tok.save_pretrained(tmp)
+        (tmp / _COMPLETE).write_text("")
+        try:
+            os.rename(tmp, cache)
+        except OSError:  # another process finished first
+            if not (cache / _COMPLETE).exists():
+                raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        warnings.warn(f"scalerec: could not cache the converted model in {cache} ({exc}); "
+                      "set SCALEREC_MODEL_CACHE=off to stop trying")
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _sink_id(tok, sink: str | int | None) -> int | None:
