@@ -127,9 +127,9 @@ def apply_sparsegrad(model: nn.Module, config: SparseGradConfig, calibration_dat
 
     The rotations come from ``bases`` ({pattern: (U_out, U_in)}) when given, else from an HOSVD calibration over
     ``config.calibration_steps`` batches of ``calibration_data`` (``loss_fn(model, batch)`` gives the loss).
-    Only the weights (trained through their rotated gradients) and the targeted biases if ``config.train_bias``
-    of the targeted layers are made trainable here; everything else keeps its ``requires_grad`` flag (freeze the rest yourself, e.g. with
-    :func:`freeze_except_head`).
+    Only the weights (trained through their rotated gradients) and, if ``config.train_bias``, the biases of the
+    targeted layers are made trainable here; everything else keeps its ``requires_grad`` flag (freeze the rest
+    yourself, e.g. with :func:`freeze_except_head`).
     """
     if not isinstance(config, SparseGradConfig):
         raise ValueError(f"apply_sparsegrad: config must be a SparseGradConfig, got {type(config).__name__}")
@@ -147,7 +147,8 @@ def apply_sparsegrad(model: nn.Module, config: SparseGradConfig, calibration_dat
             raise ValueError(f"apply_sparsegrad: bases[{t!r}] must be ([{lin.out_features}]², [{lin.in_features}]²), "
                              f"got {tuple(u_out.shape)}, {tuple(u_in.shape)}")
     _swap(model, targets, lambda t, lin: SparseGradLinear(
-        lin, bases[t][0], bases[t][1], config.k_for(lin.out_features, lin.in_features), config.train_bias, config.use_reference, GRAD_DTYPES[config.grad_dtype]))
+        lin, bases[t][0], bases[t][1], config.k_for(lin.out_features, lin.in_features), config.train_bias,
+        config.use_reference, GRAD_DTYPES[config.grad_dtype]))
     model.sparsegrad_config = config
     _release_freed_memory()
     return model
