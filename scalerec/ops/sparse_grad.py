@@ -9,7 +9,8 @@ forward weight ``W = U_out W~ U_inᵀ`` in step with a sparse change of ``W~`` w
 
 ``sparse_linear`` is the differentiable face: ``y = x Wᵀ + b`` whose backward returns an exact input
 gradient, the ordinary bias gradient and, for ``W``, a sparse (COO) gradient in the rotated basis: the top-k
-entries of the gradient with respect to ``W~ = U_outᵀ W U_in``. Each op has a pure-PyTorch reference (``*_reference``) that the tests compare against.
+entries of the gradient with respect to ``W~ = U_outᵀ W U_in``. Each op has a pure-PyTorch reference
+(``*_reference``) that the tests compare against.
 """
 from __future__ import annotations
 
