@@ -144,7 +144,7 @@ def test_plain_optimizer_on_a_rotated_weight_is_refused():
     model(**b)
     # moving the model (new storage) is not an update
     model.double()
-    model(**{k: v for k, v in b.items()})
+    model(**b)
 
 
 @pytest.mark.parametrize("method", ["sparsegrad", "meprop"])

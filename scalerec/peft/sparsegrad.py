@@ -23,7 +23,7 @@ def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _top_eigvecs(gram: torch.Tensor) -> torch.Tensor:
-    """Orthogonal eigenvectors of a symmetric PSD matrix, columns sorted by decreasing eigenvalue (column-major).
+    """Orthogonal eigenvectors of a symmetric PSD matrix, columns sorted by decreasing eigenvalue.
 
     Diagonalised in float32 (scaled to unit trace): LAPACK's float64 ``syevd`` is several times slower on CPU,
     and float32 eigenvectors are orthogonal to ~1e-6.
@@ -31,14 +31,14 @@ def _top_eigvecs(gram: torch.Tensor) -> torch.Tensor:
     gram = gram.float()
     gram.div_(gram.diagonal().sum().clamp_min(torch.finfo(torch.float32).tiny))
     _, vecs = torch.linalg.eigh(gram)
-    # stored column-major (its transpose contiguous): the sparse update reads whole columns of the bases
-    # (U[:, j] as a contiguous row of Uᵀ) instead of copying a transposed base on every step
-    return vecs.flip(-1).t().contiguous().t()
+    return vecs.flip(-1)
 
 
 def _orthonormal(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``u`` (orthogonal to float32 round-off) made orthonormal to the round-off of ``dtype`` (a QR in that dtype,
-    float32 for half types; the columns keep their directions), stored column-major like :func:`_top_eigvecs`.
+    float32 for half types; the columns keep their directions), stored column-major (its transpose contiguous):
+    the sparse update reads whole columns of the bases (U[:, j] as a contiguous row of Uᵀ) instead of copying a
+    transposed base on every step.
 
     The layer updates ``W`` by ``U_out D U_inᵀ`` and reads ``W~`` back as ``U_outᵀ W U_in``; that is the exact
     inverse only when the bases are orthonormal, so a float64 model gets float64-orthonormal bases."""
