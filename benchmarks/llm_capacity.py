@@ -35,7 +35,10 @@ PAPER = {  # Pythia-160M, the papers' smallest model, token accuracy 0.99
 
 
 def _text_ids(lm) -> list[int]:
-    return lm.encode(TEXT.read_text())
+    try:
+        return lm.encode(TEXT.read_text())
+    except OSError as e:
+        raise SystemExit(f"--text {TEXT}: cannot read it ({e})") from e
 
 
 def passage_start(i: int) -> int:
@@ -47,7 +50,10 @@ def passages(lm, numbers, max_len: int) -> list[list[int]]:
     """The passages with these numbers, ``max_len`` tokens each (see :func:`passage_start`)."""
     text = _text_ids(lm)
     out = [text[passage_start(i): passage_start(i) + max_len] for i in numbers]
-    assert all(len(p) == max_len for p in out), "bundled text too short for these passages"
+    short = [i for i, p in zip(numbers, out) if len(p) != max_len]
+    if short:
+        raise SystemExit(f"{TEXT}: {len(text)} tokens, too short for {max_len}-token passages {short} (passage i starts "
+                         f"at token {passage_start(0)} + {passage_start(1) - passage_start(0)} i)")
     return out
 
 
@@ -299,6 +305,7 @@ def plot_steps(files: list[str], out: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global TEXT  # --text replaces the bundled passage source
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default="smollm2")
@@ -307,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
                          "quick: capacity,entropy,throughput)")
     ap.add_argument("--modes", default="one-step,shared-m,ar")
     ap.add_argument("--lengths", default="16,32,64,128")
+    ap.add_argument("--text", default=None, metavar="TXT",
+                    help=f"the text the passages are cut from (default: the bundled {TEXT.name}; e.g. the full "
+                         "tinyshakespeare.txt, whose first 60,000 characters are the bundled file)")
     ap.add_argument("--passages", type=int, default=5)
     ap.add_argument("--first-passage", type=int, default=0, help="index of the first passage (split a run in parts)")
     ap.add_argument("--passage-ids", default=None,
@@ -366,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     if pids is not None and (not pids or min(pids) < 0 or len(set(pids)) != len(pids)):
         ap.error(f"--passage-ids: distinct passage numbers >= 0 expected, got {args.passage_ids!r}")
 
+    if args.text:
+        TEXT = Path(args.text)
+        if not TEXT.is_file():
+            ap.error(f"--text {args.text}: no such file")
     if args.resume and not args.vectors_in:
         ap.error("--resume needs --vectors-in (the exact vectors of the rung below, the capacity so far)")
     if args.vectors_in:
@@ -380,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         args.shared_corpus, args.shared_steps = 4, 60
         modes = ["one-step", "ar"]
     lengths = [int(x) for x in args.lengths.split(",")]
-    figures: dict = {"model": args.model, "threads": args.threads, "quick": args.quick, "paper_pythia160m": PAPER,
+    figures: dict = {"model": args.model, "text": str(TEXT.relative_to(ROOT) if TEXT.is_relative_to(ROOT) else TEXT),
+                     "threads": args.threads, "quick": args.quick, "paper_pythia160m": PAPER,
                      "load_average_start": os.getloadavg()}
     t_all = time.perf_counter()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
