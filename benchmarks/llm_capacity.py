@@ -34,11 +34,13 @@ PAPER = {  # Pythia-160M, the papers' smallest model, token accuracy 0.99
 }
 
 
+_IDS: dict = {}  # TEXT -> its token ids: the passages, corpus and sections of one run share one tokenisation
+
+
 def _text_ids(lm) -> list[int]:
-    try:
-        return lm.encode(TEXT.read_text())
-    except OSError as e:
-        raise SystemExit(f"--text {TEXT}: cannot read it ({e})") from e
+    if TEXT not in _IDS:
+        _IDS[TEXT] = lm.encode(TEXT.read_text())
+    return _IDS[TEXT]
 
 
 def passage_start(i: int) -> int:
