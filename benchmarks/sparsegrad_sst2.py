@@ -110,6 +110,8 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=None, help="SST-2 tokens per sentence (default 32)")
     ap.add_argument("--sparse-state", default="auto", choices=["auto", "compact", "dense"],
                     help="SparseGrad/MeProp Adam moments: compact entry set or dense (auto: dense on a GPU)")
+    ap.add_argument("--unfused-optimizer", action="store_true",
+                    help="SparseGrad/MeProp: run the lazy-Adam step's Python reference instead of the one-call op")
     ap.add_argument("--out", default=None, help="also write all runs and the summary to this JSON file")
     args = ap.parse_args()
     if args.grad_dtype == "auto":
@@ -144,6 +146,7 @@ def main() -> int:
         metric = "dev_accuracy"
     base["device"] = args.device
     base["sparse_state"] = args.sparse_state
+    base["fused_optimizer"] = not args.unfused_optimizer
     for m in methods:
         if m not in METHODS:
             ap.error(f"--methods: {m!r} is not one of {METHODS}")

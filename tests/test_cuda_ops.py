@@ -209,3 +209,33 @@ def test_sparsegrad_layer_on_cuda():
     model2(x).pow(2).sum().backward()
     opt2.step()
     assert torch.equal(model2[0].weight, layer.weight)
+
+
+def test_fused_lazy_adam_on_cuda_matches_the_reference():
+    """The one-call lazy-Adam operator on the GPU (its ATen calls dispatch to the CUDA kernels, the rotated update
+    to sparsegrad_rotated_update_'s) against its Python reference there and on the CPU."""
+    from scalerec.ops.sparse_grad import sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference
+
+    g = torch.Generator().manual_seed(3)
+    shapes = [(48, 32), (32, 48), (16, 8)]
+    ws = [torch.randn(o, i, generator=g) for o, i in shapes]
+    uo = [torch.linalg.qr(torch.randn(o, o, generator=g))[0] for o, _ in shapes[:2]] + [None]
+    ui = [torch.linalg.qr(torch.randn(i, i, generator=g))[0] for _, i in shapes[:2]] + [None]
+    idx = [torch.randperm(o * i, generator=g)[:20].sort().values for o, i in shapes]
+    vals = [torch.randn(20, generator=g) for _ in shapes]
+    state = [[torch.rand(o * i, generator=g) * s for o, i in shapes] for s in (0.1, 0.01)]
+    steps = [torch.randint(0, 4, (o * i,), generator=g, dtype=torch.int32) for o, i in shapes]
+
+    def case(dev):
+        on = lambda ts: [None if t is None else t.clone().to(dev) for t in ts]  # noqa: E731
+        return [on(ws), on(state[0]), on(state[1]), on(steps), on(idx), on(idx), on(vals), on(uo), on(ui)]
+
+    fused, ref, cpu = case(DEV), case(DEV), case("cpu")
+    for _ in range(2):
+        sparsegrad_lazy_adam_(*fused, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+        sparsegrad_lazy_adam_reference(*ref, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+        sparsegrad_lazy_adam_reference(*cpu, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+    for a, b, c in zip(fused[:4], ref[:4], cpu[:4]):
+        for x, y, z in zip(a, b, c):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(x.cpu(), z, rtol=1e-5, atol=1e-6)

@@ -72,6 +72,68 @@ def test_opcheck():
                            torch.randn(3, dtype=torch.float64)))
 
 
+def _adam_case(dtype, seed=4):
+    """Three weights (rotated, rotated, plain), dense state for the first two and a compact one for the third."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(6, 5), (5, 6), (4, 3)]
+    ws = [torch.randn(o, i, generator=g, dtype=torch.float64).to(dtype) for o, i in shapes]
+    uo = [_orth(6, seed=5).to(dtype), _orth(5, seed=6).to(dtype), None]
+    ui = [_orth(5, seed=7).to(dtype), _orth(6, seed=8).to(dtype), None]
+    idx = [torch.tensor([0, 3, 7, 29]), torch.tensor([2, 11, 12]), torch.tensor([1, 5, 10])]
+    pos = [idx[0], idx[1], torch.tensor([0, 2, 4])]  # the third: places in a compact set of 6 entries
+    n_state = [30, 30, 6]
+    m = [torch.randn(n, generator=g, dtype=torch.float64).to(dtype) * 0.1 for n in n_state]
+    v = [torch.rand(n, generator=g, dtype=torch.float64).to(dtype) * 0.01 for n in n_state]
+    t = [torch.randint(0, 5, (n,), generator=g, dtype=torch.int32) for n in n_state]
+    vals = [torch.randn(k.numel(), generator=g, dtype=torch.float64).to(dtype) for k in idx]
+    return ws, m, v, t, pos, idx, vals, uo, ui
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lazy_adam_op_matches_reference_bit_for_bit(dtype):
+    """The fused lazy-Adam operator against its Python reference: state and weights bit for bit (CPU), over
+    several steps; the entries outside the selection keep their state."""
+    from scalerec.ops.sparse_grad import sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference
+
+    a = _adam_case(dtype)
+    b = [[x.clone() if isinstance(x, torch.Tensor) else x for x in lst] for lst in a]
+    untouched = a[1][0].clone()
+    for step in range(3):
+        sparsegrad_lazy_adam_(*a, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+        sparsegrad_lazy_adam_reference(*b, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+        for lst_a, lst_b in zip(a[:4], b[:4]):  # weights, m, v, t
+            for x, y in zip(lst_a, lst_b):
+                assert torch.equal(x, y), step
+    assert torch.equal(a[3][0][a[4][0]], b[3][0][b[4][0]]) and int(a[3][0][0]) >= 3
+    keep = torch.ones(30, dtype=torch.bool)
+    keep[a[4][0]] = False
+    assert torch.equal(a[1][0][keep], untouched[keep])
+    # one step's effect, by hand, on the plain (MeProp) weight: W.flat[idx] += -lr * m^ / (sqrt(v^) + eps)
+    c = _adam_case(torch.float64)
+    w0, m0, v0, t0 = c[0][2].clone(), c[1][2].clone(), c[2][2].clone(), c[3][2].clone()
+    sparsegrad_lazy_adam_(*c, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+    p, g = c[4][2], c[6][2]
+    tt = (t0[p] + 1).double()
+    mm = 0.9 * m0[p] + 0.1 * g
+    vv = 0.999 * v0[p] + 0.001 * g * g
+    want = w0.view(-1).clone()
+    want[c[5][2]] += -1e-2 * (mm / (1 - 0.9 ** tt)) / ((vv / (1 - 0.999 ** tt)).sqrt() + 1e-8)
+    torch.testing.assert_close(c[0][2].view(-1), want, rtol=1e-12, atol=1e-14)
+
+
+def test_lazy_adam_op_checks_its_lists():
+    from scalerec.ops.sparse_grad import sparsegrad_lazy_adam_
+
+    a = list(_adam_case(torch.float64))
+    with pytest.raises(RuntimeError, match="one entry per weight"):
+        sparsegrad_lazy_adam_(*a[:4], a[4][:2], *a[5:], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+    a[7] = [a[7][0], None, None]  # u_out without u_in for the second weight
+    with pytest.raises(RuntimeError, match="both rotations or neither"):
+        sparsegrad_lazy_adam_(*a, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+    torch.library.opcheck(torch.ops.scalerec.sparsegrad_lazy_adam_.default,
+                          tuple(_adam_case(torch.float64)) + (1e-2, 0.9, 0.999, 1e-8))
+
+
 @pytest.mark.parametrize("use_reference", [False, True])
 def test_sparse_linear_gradcheck_density_one(use_reference):
     """With k = out*in the sparse backward is the exact gradient w.r.t. x, W~ and b of x (U_out W~ U_inᵀ)ᵀ + b.

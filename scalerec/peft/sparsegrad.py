@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from scalerec.peft.config import GRAD_DTYPES, MePropConfig, SparseGradConfig, find_targets
+from scalerec.ops.sparse_grad import sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference
 from scalerec.peft.layers import SparseGradLinear
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -193,17 +194,25 @@ class SparseGradOptimizer(torch.optim.Optimizer):
     and step), ``"dense"`` (moments and step counts as dense tensors of the weight's shape: 12 bytes per weight
     entry, no sync) or ``"auto"`` (dense for weights on a GPU, where a sync stalls the step, compact elsewhere).
     Both layouts give the same updates bit for bit.
+
+    ``fused`` (default) runs the lazy-Adam step of all rotated weights as one C++ operator call
+    (``scalerec::sparsegrad_lazy_adam_``); ``fused=False`` runs its pure-PyTorch reference, a Python loop of
+    ``torch._foreach_*`` calls. They agree bit for bit on the CPU; the operator exists because on a GPU that Python
+    loop is host-bound (H100: the step spanned 9.9 ms of the GPU timeline for MiniLM's 12 MLP linears, LoRA's
+    AdamW 1.1 ms).
     """
 
     STATE_LAYOUTS = ("auto", "compact", "dense")
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, sparse_lr: float | None = None, head_lr: float | None = None,
-                 head_names: Iterable[str] = ("classifier", "score"), state_layout: str = "auto"):
+                 head_names: Iterable[str] = ("classifier", "score"), state_layout: str = "auto",
+                 fused: bool = True):
         if state_layout not in self.STATE_LAYOUTS:
             raise ValueError(f"SparseGradOptimizer: state_layout must be one of {list(self.STATE_LAYOUTS)}, "
                              f"got {state_layout!r}")
         self.state_layout = state_layout
+        self.fused = bool(fused)
         self._layers = {id(m.weight): m for _, m in sparse_layers(model)}
         heads = tuple(head_names)
         sparse, dense, head = [], [], []
@@ -290,9 +299,9 @@ class SparseGradOptimizer(torch.optim.Optimizer):
         return idx, flat[idx]
 
     def _sparse_steps(self, params, lr, b1, b2, eps):
-        """Lazy Adam on the selected entries of every rotated weight of the group: each weight's state is gathered
-        at its entries (dense or compact layout), the Adam arithmetic runs once over all weights
-        (torch._foreach_*), and the new state, the entries and the layers' dense weights are written back."""
+        """Lazy Adam on the selected entries of every rotated weight of the group: the entries and their places in
+        the state (dense or compact layout) are found here; the state's gather, the Adam arithmetic, the write-back
+        and the layers' dense-weight updates run in one ``sparsegrad_lazy_adam_`` call (or its reference)."""
         items = []
         for p in params:
             idx, val = self._selection(p)
@@ -314,36 +323,16 @@ class SparseGradOptimizer(torch.optim.Optimizer):
             items.append((p, st, idx, val, where))
         if not items:
             return
-        vals = [it[3] for it in items]
-        ms = [it[1]["m"][it[4]] for it in items]
-        vs = [it[1]["v"][it[4]] for it in items]
-        ts = torch._foreach_add([it[1]["t"][it[4]] for it in items], 1)
-        torch._foreach_mul_(ms, b1)
-        torch._foreach_add_(ms, vals, alpha=1 - b1)
-        torch._foreach_mul_(vs, b2)
-        torch._foreach_addcmul_(vs, vals, vals, value=1 - b2)
-        for (p, st, idx, val, where), m, v, t in zip(items, ms, vs, ts):
-            st["m"][where], st["v"][where], st["t"][where] = m, v, t
-        tf = [t.to(val.dtype) for t, val in zip(ts, vals)]
-        # delta = -lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps), per entry with its own step count
-        bc1 = torch._foreach_pow(b1, tf)
-        torch._foreach_neg_(bc1)
-        torch._foreach_add_(bc1, 1)
-        bc2 = torch._foreach_pow(b2, tf)
-        torch._foreach_neg_(bc2)
-        torch._foreach_add_(bc2, 1)
-        den = torch._foreach_div(vs, bc2)
-        torch._foreach_sqrt_(den)
-        torch._foreach_add_(den, eps)
-        delta = torch._foreach_div(ms, bc1)
-        torch._foreach_mul_(delta, -lr)
-        torch._foreach_div_(delta, den)
-        for (p, st, idx, val, where), d in zip(items, delta):
-            layer = self._layers.get(id(p))
-            if layer is not None:  # W += U_out D U_inᵀ (MeProp: W += D)
-                layer.apply_sparse_delta(idx, d)
-            else:
-                p.view(-1).index_add_(0, idx, d)
+        layers = [self._layers.get(id(it[0])) for it in items]
+        rot = [m if m is not None and m.rotated else None for m in layers]
+        step = sparsegrad_lazy_adam_ if self.fused else sparsegrad_lazy_adam_reference
+        step([it[0] for it in items], [it[1]["m"] for it in items], [it[1]["v"] for it in items],
+             [it[1]["t"] for it in items], [it[4] for it in items], [it[2] for it in items], [it[3] for it in items],
+             [m.u_out if m is not None else None for m in rot], [m.u_in if m is not None else None for m in rot],
+             lr, b1, b2, eps)
+        for m in layers:
+            if m is not None:
+                m.accept_weight_change()
 
     @staticmethod
     def _compact_positions(p, st, idx, val):

@@ -55,6 +55,7 @@ class FinetuneSettings:
     threads: int | None = None
     device: str = "cpu"              # "cpu", "cuda" or "cuda:N"
     sparse_state: str = "auto"       # SparseGrad/MeProp Adam moments: auto (dense on a GPU), compact or dense
+    fused_optimizer: bool = True     # SparseGrad/MeProp: the lazy-Adam step as one C++ call (False: its Python reference)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -70,6 +71,8 @@ class FinetuneSettings:
         if self.sparse_state not in SparseGradOptimizer.STATE_LAYOUTS:
             raise ValueError(f"sparse_state must be one of {list(SparseGradOptimizer.STATE_LAYOUTS)}, "
                              f"got {self.sparse_state!r}")
+        if not isinstance(self.fused_optimizer, bool):
+            raise ValueError(f"fused_optimizer must be true or false, got {self.fused_optimizer!r}")
         if self.device != "cpu" and not str(self.device).startswith("cuda"):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
@@ -184,7 +187,7 @@ def setup_method(s: FinetuneSettings, model: nn.Module, calibration_batches=None
             apply_meprop(model, MePropConfig(target_modules=targets, density=s.density, grad_dtype=s.grad_dtype))
         freeze_except_head(model, HEAD_NAMES)
         opt = SparseGradOptimizer(model, lr=lr, sparse_lr=lr, head_lr=s.head_lr, head_names=HEAD_NAMES,
-                                  state_layout=s.sparse_state)
+                                  state_layout=s.sparse_state, fused=s.fused_optimizer)
         info["k_per_layer"] = {n: m.k for n, m in sparse_layers(model)[:2]}
         info["trainable"] = count_trainable(model)
     info["lr"] = lr
