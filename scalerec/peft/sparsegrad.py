@@ -6,8 +6,8 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
-from scalerec.peft.config import GRAD_DTYPES, MePropConfig, SparseGradConfig, find_targets
 from scalerec.ops.sparse_grad import sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference
+from scalerec.peft.config import GRAD_DTYPES, MePropConfig, SparseGradConfig, find_targets
 from scalerec.peft.layers import SparseGradLinear
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
