@@ -239,3 +239,26 @@ def test_fused_lazy_adam_on_cuda_matches_the_reference():
         for x, y, z in zip(a, b, c):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(x.cpu(), z, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adam_entries_kernel_on_cuda(dtype):
+    """The element-wise lazy-Adam kernel on the GPU against its pure-PyTorch reference on the CPU."""
+    from scalerec.ops.sparse_grad import sparsegrad_adam_entries_, sparsegrad_adam_entries_reference
+
+    g = torch.Generator().manual_seed(10)
+    S, k = 4000, 700
+    m = (torch.randn(S, generator=g) * 0.1).to(dtype)
+    v = (torch.rand(S, generator=g) * 0.01).to(dtype)
+    t = torch.randint(0, 20000, (S,), generator=g, dtype=torch.int32)
+    t[:500] = 0
+    pos = torch.randperm(S, generator=g)[:k]
+    vals = torch.randn(k, generator=g).to(dtype)
+    a = [x.clone().to(DEV) for x in (m, v, t)]
+    b = [m.clone(), v.clone(), t.clone()]
+    d = sparsegrad_adam_entries_(*a, pos.to(DEV), vals.to(DEV), 1e-3, 0.9, 0.999, 1e-8)
+    e = sparsegrad_adam_entries_reference(*b, pos, vals, 1e-3, 0.9, 0.999, 1e-8)
+    tol = dict(rtol=1e-5, atol=1e-8) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)
+    assert torch.equal(a[2].cpu(), b[2])
+    for x, y in zip((d, a[0], a[1]), (e, b[0], b[1])):
+        torch.testing.assert_close(x.cpu(), y, **tol)

