@@ -50,6 +50,10 @@ if [[ " $SKIP " != *" sparsegrad "* ]]; then
   timeout ${SG_TIMEOUT:-200} $PY benchmarks/sparsegrad_sst2.py --device cuda --model "$MINILM" --methods lora,sparsegrad \
     --seeds ${SG_SEEDS:-3} --steps ${SG_STEPS:-300} --batch-size 32 --max-length 64 --out "$OUT/sparsegrad.json" \
     2>&1 | grep -v Warning | tail -8 | tee -a "$LOG"
+  # the optimizer step's host cost, fused vs its Python reference, and where the step goes (2026-11-27 addition)
+  timeout 120 $PY benchmarks/sparsegrad_optimizer_step.py --device cuda 2>&1 | grep -v Warning | tail -5 | tee -a "$LOG"
+  timeout 150 $PY benchmarks/sparsegrad_profile.py --device cuda --model "$MINILM" --steps 20 \
+    --methods lora,sparsegrad,sparsegrad_unfused --out "$OUT/sparsegrad_profile.json" 2>&1 | grep "^==" | tee -a "$LOG"
 fi
 
 # 4. LLM capacity ladders (restarts off: they re-initialise long fits before they converge; docs/llm.md)
