@@ -85,7 +85,8 @@ def load_shared_m(path: str, numbers: list[int], max_len: int) -> torch.Tensor:
 
 def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, shared_m=None, log=print,
              on_length=None, warm: bool = False, vectors_out: dict | None = None, start: dict | None = None,
-             resume: dict | None = None, labels: list | None = None, log_every: int = 0) -> dict:
+             resume: dict | None = None, labels: list | None = None, log_every: int = 0, save_every: int = 0,
+             on_save=None) -> dict:
     """The ladder. ``warm``: each rung starts from the vectors of the rung below (the curriculum of
     ``FitConfig.grow_from`` with the ladder's lengths as its stages); its "steps"/"seconds" are then the rung's
     own and "steps_total"/"seconds_total" include the rungs below. ``vectors_out``: filled with {N: {passage index:
@@ -96,7 +97,9 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
     the first rung starts from these instead (an earlier run's not-yet-exact vectors of that rung: a fit resumed
     with a fresh schedule; needs ``start`` for the capacity below it). ``labels``: the texts' names in error
     messages (passage numbers; default: their index). ``log_every``: a line every that many fitting steps (each
-    text's best token accuracy so far, seconds a step); 0: none."""
+    text's best token accuracy so far, seconds a step); 0: none. ``save_every``: every that many steps, the rung's
+    best vectors so far go into ``vectors_out`` and ``on_save()`` is called (a stopped run keeps them); 0: only at
+    the end of each rung."""
     from scalerec.llm import decode, fit_ar, fit_one_step
 
     dmode = "ar" if mode == "ar" else "one-step"
@@ -122,12 +125,16 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
     spent = {i: (0, 0.0) for i in range(len(texts))}
     clock = {"t": 0.0}
 
-    def on_step(step, best_accuracy, active, seconds):
+    def on_step(step, best_accuracy, active, seconds, best_vectors=None):
         clock["t"] = seconds if step == 1 else clock["t"] + seconds  # a fit (rung) starts its own count
         if log_every and step % log_every == 0:
             log(f"[{mode}] N={n} step {step}: best accuracy {[round(float(a), 4) for a in best_accuracy]}, "
                 f"{int(active.sum())} texts active, {clock['t'] / log_every:.3f} s a step")
             clock["t"] = 0.0
+        if save_every and step % save_every == 0 and vectors_out is not None and best_vectors is not None:
+            vectors_out[n] = {i: best_vectors[j].detach().float().cpu().clone() for j, i in enumerate(alive)}
+            if on_save is not None:
+                on_save()
 
     for n in lengths:
         if not alive:
@@ -342,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ray-steps", type=int, default=None, help="fixed steps per text in the Ray job (default 40)")
     ap.add_argument("--log-every", type=int, default=100,
                     help="a progress line every N fitting steps (best accuracy per text, s a step); 0: none")
+    ap.add_argument("--save-every", type=int, default=0, metavar="N",
+                    help="with --vectors-out: also save each rung's best vectors so far every N fitting steps, so a "
+                         "run stopped mid-rung keeps its progress (resume it with --resume); 0: at rung ends only")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--plot", nargs="+", default=None, metavar="JSON",
                     help="only plot steps-to-exact vs N from these --json-out files (to --plot-out) and exit")
@@ -382,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         TEXT = Path(args.text)
         if not TEXT.is_file():
             ap.error(f"--text {args.text}: no such file")
+    if args.save_every < 0:
+        ap.error(f"--save-every must be >= 0, got {args.save_every}")
+    if args.save_every and not args.vectors_out:
+        ap.error("--save-every needs --vectors-out (the file the vectors are saved to)")
     if args.resume and not args.vectors_in:
         ap.error("--resume needs --vectors-in (the exact vectors of the rung below, the capacity so far)")
     if args.vectors_in:
@@ -464,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             figures[f"capacity_{mode}"] = capacity(
                 lm, "ar" if mode == "ar" else "one-step", lengths, texts, cfg, shared_m=shared, log=log,
                 on_length=on_length, warm=args.warm_ladder, vectors_out=vecs, start=start, resume=resume,
-                labels=numbers, log_every=args.log_every)
+                labels=numbers, log_every=args.log_every, save_every=args.save_every, on_save=save_vectors)
             figures.pop(f"partial_{mode}", None)
             save_partial()  # (the vectors were saved after the last rung)
     if "entropy" in sections:  # cheap: one forward pass per passage

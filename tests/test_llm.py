@@ -216,6 +216,9 @@ def test_growing_fit_warm_starts_each_stage_from_the_last(lm, mode):
     assert [r.accuracy for r in res] == [1.0, 1.0]
     assert [r.token_ids for r in res] == [short, long_]
     assert [len(r.history) for r in res] == [r.steps for r in res]
+    # on_step also hands over the best vectors so far (to save a long fit's progress): at the last step of the last
+    # stage (the long text alone) they are the vectors the fit returns
+    assert torch.equal(steps[-1]["best_vectors"][-1].float().cpu(), res[1].vectors)
     # the stages end where the (per-stage) fit reached accuracy 1.0
     ends = [i for i, a in enumerate(res[1].history) if a == 1.0]
     assert len(ends) == 3 and ends[-1] == len(res[1].history) - 1, res[1].history

@@ -277,7 +277,8 @@ def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, 
         if progress is not None:
             progress(n_done=int(len(fin)), tokens=int(lengths[fin].sum()), n_active=int(active.sum()))
         if on_step is not None:
-            on_step(step=it, best_accuracy=best_acc.clone(), active=active.clone(), seconds=dt_step)
+            on_step(step=it, best_accuracy=best_acc.clone(), active=active.clone(), seconds=dt_step,
+                    best_vectors=best_P)
 
     out = []
     for i, toks in enumerate(token_lists):
@@ -363,8 +364,10 @@ def fit_one_step(lm: LoadedLM, texts, config: FitConfig | None = None, shared_m:
 
     ``texts``: strings or lists of token ids (one-step fitting reproduces exactly these ids). ``progress(n_done,
     tokens, n_active)`` is called with the texts finished (after every step; after every stage with ``grow_from``);
-    ``on_step(step, best_accuracy, active, seconds)`` after every step of every stage (steps counted from 1 in
-    each), with each text's best token accuracy so far and the step's seconds (for a log).
+    ``on_step(step, best_accuracy, active, seconds, best_vectors)`` after every step of every stage (steps counted
+    from 1 in each), with each text's best token accuracy so far, the step's seconds (for a log) and the best
+    vectors so far ([B, n_vectors, d] on the model's device, the fitter's own tensor: copy what you keep), e.g. to
+    save a long fit's progress before it ends.
     """
     cfg = config or FitConfig()
     toks = _as_token_lists(lm, texts)
