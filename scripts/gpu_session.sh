@@ -32,7 +32,7 @@ RES=benchmarks/results
 cap() {  # name, args...
   local name=$1; shift
   OMP_NUM_THREADS=1 timeout $(( DEADLINE - 15 - ($(date +%s) - T0) )) $PY benchmarks/llm_capacity.py \
-    --model "$SMOLLM" --device cuda --dtype float32 --sections capacity --fit restart_patience=0 --log-every 250 \
+    --model "$SMOLLM" --device cuda --dtype float32 --sections capacity --fit restart_patience=0 --log-every 250 --save-every 250 \
     --json-out "$R/$name.json" --vectors-out "$R/$name.pt" "$@" > "$R/$name.log" 2>&1 &
   echo $! > "$R/$name.pid"
 }
