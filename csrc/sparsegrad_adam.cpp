@@ -63,8 +63,6 @@ void sparsegrad_lazy_adam_(at::TensorList weights, at::TensorList exp_avg, at::T
     TORCH_CHECK(pos.dim() == 1 && indices[i].dim() == 1 && g.dim() == 1 && pos.numel() == g.numel() &&
                     indices[i].numel() == g.numel(),
                 "sparsegrad_lazy_adam_: weight ", i, ": positions, indices and values must be 1-D of one length");
-    TORCH_CHECK(exp_avg[i].dim() == 1 && exp_avg_sq[i].dim() == 1 && steps[i].dim() == 1,
-                "sparsegrad_lazy_adam_: weight ", i, ": the state tensors must be flat (1-D)");
     const std::optional<at::Tensor> uo = u_out.get(i), ui = u_in.get(i);
     TORCH_CHECK(uo.has_value() == ui.has_value(),
                 "sparsegrad_lazy_adam_: weight ", i, ": give both rotations or neither");

@@ -184,8 +184,9 @@ class SparseGradOptimizer(torch.optim.Optimizer):
     """Adam for a model with SparseGrad/MeProp layers: lazy (sparse) Adam on the rotated weights, AdamW elsewhere.
 
     A SparseGrad layer's gradient holds k entries of the rotated weight ``W~ = U_outᵀ W U_in``; the step changes
-    exactly those k entries of ``W~`` (their moments included) and the layer adds the change to its weight
-    ``W`` as ``U_out D U_inᵀ`` (``SparseGradLinear.apply_sparse_delta``; ``W~`` itself is never stored). With the
+    exactly those k entries of ``W~`` (their moments included) and adds the change to the layer's weight
+    ``W`` as ``U_out D U_inᵀ`` (``sparsegrad_rotated_update_``, inside ``sparsegrad_lazy_adam_``; ``W~`` itself is
+    never stored). With the
     compact layout (below) the Adam moments are kept for the entries seen so far only (a sorted index set grown
     as new entries get selected), so their memory follows the union of selected entries, not the weight's size.
 
