@@ -123,10 +123,13 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
             raise ValueError("resume: needs start, and vectors for every text")
         prev = dict(resume)
     spent = {i: (0, 0.0) for i in range(len(texts))}
-    clock = {"t": 0.0}
+    clock = {"t": 0.0, "last": 0}
 
     def on_step(step, best_accuracy, active, seconds, best_vectors=None):
-        clock["t"] = seconds if step == 1 else clock["t"] + seconds  # a fit (rung) starts its own count
+        # a fit (rung) starts its own count (the eager fitter calls this every step, the static/graph one every
+        # sync_every steps)
+        clock["t"] = seconds if step <= clock["last"] or step == 1 else clock["t"] + seconds
+        clock["last"] = step
         if log_every and step % log_every == 0:
             log(f"[{mode}] N={n} step {step}: best accuracy {[round(float(a), 4) for a in best_accuracy]}, "
                 f"{int(active.sum())} texts active, {clock['t'] / log_every:.3f} s a step")

@@ -18,140 +18,16 @@ seen (highest accuracy, then lowest loss) is what is returned.
 """
 from __future__ import annotations
 
-import hashlib
-import math
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .fit_config import (STEP_MODES, FitConfig, FitResult, _check_tokens, _init_vectors, _lr_at,  # noqa: F401
+                         _text_seed, padded_targets, initial_vectors, restart_patience_for, restart_vectors)
 from .inputs import n_sink, one_step_logits, with_sink
 from .model import LoadedLM
-
-
-@dataclass
-class FitConfig:
-    """Optimiser and budget of a fit. Defaults were chosen by measurement on SmolLM2-135M (docs/llm.md)."""
-
-    lr: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.9)
-    weight_decay: float = 0.01
-    eps: float = 1e-8
-    max_steps: int = 400
-    warmup_steps: int = 10
-    schedule: str = "cosine"          # "cosine" (to min_lr_ratio * lr at max_steps) or "constant"
-    min_lr_ratio: float = 0.1
-    clip_norm: float | None = 1.0     # per-text gradient norm clip (None: off)
-    init: str = "mean"               # "mean": mean token embedding + noise; "normal": N(0, emb std)
-    init_noise: float = 1.0          # noise scale in units of the embedding table's per-coordinate std
-    seed: int = 0
-    target_accuracy: float = 1.0
-    ce_floor: float = 0.0            # per-token loss max(CE - ce_floor, 0): tokens already predicted with
-                                     # confidence stop pulling, the gradient goes to the ones still wrong
-    restart_patience: int | str | None = "auto"  # re-initialise a text whose best accuracy has not improved for
-                                     # this many steps; "auto": restart_patience_for(n_tokens); None or 0: never
-    grow_from: int | None = None     # curriculum: fit the text's first grow_from tokens, then 2x, 4x, ... and
-                                     # finally all of it, each stage warm-started from the last one's vectors
-                                     # (max_steps is then a per-stage budget); None or 0: fit the whole text at once
-
-    def __post_init__(self):
-        p = self.restart_patience
-        if not (p is None or p == "auto" or (isinstance(p, int) and not isinstance(p, bool) and p >= 0)):
-            raise ValueError(f"restart_patience must be 'auto', an int >= 0 or None (off), got {p!r}")
-        g = self.grow_from
-        if not (g is None or (isinstance(g, int) and not isinstance(g, bool) and g >= 0)):
-            raise ValueError(f"grow_from must be an int >= 1 (first stage's tokens), or None / 0 (off), got {g!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def restart_patience_for(cfg: FitConfig, n_tokens: int) -> int | None:
-    """Steps without a better accuracy after which a text of ``n_tokens`` tokens is re-initialised (None: never).
-
-    ``"auto"``: 100 up to 16 tokens, then ``100 * (n_tokens / 16) ** 2`` — the steps to an exact fit grow about
-    that fast with the length (SmolLM2, one-step: ~80 at 16 tokens, ~260 at 32, 650–2,000 at 64; docs/llm.md),
-    and a fixed 100 re-initialised every 64-token fit before it converged (0/2, against 2/2 without restarts).
-    """
-    p = cfg.restart_patience
-    if p is None or p == 0:
-        return None
-    if p == "auto":
-        return int(100 * max(1.0, n_tokens / 16) ** 2)
-    return int(p)
-
-
-@dataclass
-class FitResult:
-    """One text's fit."""
-
-    vectors: torch.Tensor      # [n_vectors, d] float32, on CPU (one-step: [e, m] or [e] with shared m; ar: mems)
-    token_ids: list[int]
-    accuracy: float
-    steps: int
-    seconds: float
-    loss: float
-    restarts: int = 0
-    history: list[float] = field(default_factory=list)  # per-step accuracy (only when record_history)
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-# ----------------------------------------------------------------------------------------------
-# initialisation and schedule
-
-def _init_vectors(lm: LoadedLM, n: int, cfg: FitConfig, gen: torch.Generator) -> torch.Tensor:
-    W = lm.embedding.weight.detach().float()
-    std = W.std().item()
-    d = W.shape[1]
-    noise = torch.randn(n, d, generator=gen) * std * cfg.init_noise
-    if cfg.init == "mean":
-        return W.mean(0).cpu().view(1, d) + noise
-    if cfg.init == "normal":
-        return noise
-    raise ValueError(f"unknown init {cfg.init!r}: 'mean' or 'normal'")
-
-
-def _text_seed(seed: int, toks: list[int], restart: int = 0) -> int:
-    """A text's initialisation seed: a function of the run seed and the text only (not of its batch)."""
-    h = hashlib.sha256(f"{seed}|{restart}|{','.join(map(str, toks))}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-def _lr_at(cfg: FitConfig, step: torch.Tensor) -> torch.Tensor:
-    """Per-text learning rate for per-text step counts (0-based)."""
-    s = step.float()
-    warm = torch.clamp((s + 1) / max(cfg.warmup_steps, 1), max=1.0)
-    if cfg.schedule == "constant":
-        return cfg.lr * warm
-    if cfg.schedule != "cosine":
-        raise ValueError(f"unknown schedule {cfg.schedule!r}: 'cosine' or 'constant'")
-    frac = torch.clamp((s - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 0.0, 1.0)
-    cos = 0.5 * (1 + torch.cos(math.pi * frac))
-    return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
-
-
-def padded_targets(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lengths [B], targets [B, max length] right-padded with -100)."""
-    lengths = torch.tensor([len(t) for t in token_lists])
-    targets = torch.full((len(token_lists), int(lengths.max())), -100, dtype=torch.long)
-    for i, toks in enumerate(token_lists):
-        targets[i, : len(toks)] = torch.tensor(toks)
-    return lengths, targets
-
-
-def _check_tokens(lm: LoadedLM, token_lists: list[list[int]], extra: int) -> None:
-    """Every text non-empty and within the context with ``extra`` fitted positions (and the sink) in front."""
-    extra += n_sink(lm)
-    for i, toks in enumerate(token_lists):
-        if len(toks) == 0:
-            raise ValueError(f"text {i}: empty (no tokens to fit)")
-        if len(toks) + extra > lm.max_positions:
-            raise ValueError(f"text {i}: {len(toks)} tokens (+{extra}) exceed the model context of "
-                             f"{lm.max_positions} positions")
+from .static_fit import fit_static
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,6 +36,24 @@ def _check_tokens(lm: LoadedLM, token_lists: list[list[int]], extra: int) -> Non
 def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, cfg: FitConfig,
          shared_m: torch.Tensor | None = None, init: torch.Tensor | None = None,
          record_history: bool = False, progress=None, on_step=None) -> list[FitResult]:
+    """The fitter for ``cfg.step_mode``: the eager loop, or the fixed-shape step (scalerec/llm/static_fit.py)."""
+    sm = cfg.step_mode
+    if sm == "auto":
+        sm = "graph" if lm.device.type == "cuda" and not record_history else "eager"
+    if sm == "eager":
+        return _fit_eager(lm, token_lists, n_vectors, mode, cfg, shared_m=shared_m, init=init,
+                          record_history=record_history, progress=progress, on_step=on_step)
+    if record_history:
+        raise ValueError(f"record_history needs step_mode 'eager' (the {sm!r} step reports every sync_every steps)")
+    if sm == "graph" and lm.device.type != "cuda":
+        raise ValueError(f"step_mode 'graph' needs a CUDA device, the model is on {lm.device}")
+    return fit_static(lm, token_lists, n_vectors, mode, cfg, shared_m=shared_m, init=init, progress=progress,
+                      on_step=on_step, capture=sm == "graph")
+
+
+def _fit_eager(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, cfg: FitConfig,
+               shared_m: torch.Tensor | None = None, init: torch.Tensor | None = None,
+               record_history: bool = False, progress=None, on_step=None) -> list[FitResult]:
     dev, dt = lm.device, lm.dtype
     B = len(token_lists)
     extra = n_vectors if mode == "ar" else 0
@@ -168,11 +62,7 @@ def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, 
     lengths, targets = padded_targets(token_lists)
     emb = lm.embedding
     # parameters and optimiser state, kept in float32 on the model's device
-    if init is not None:
-        P = init.detach().float().to(dev).clone().view(B, n_vectors, d)
-    else:
-        P = torch.stack([_init_vectors(lm, n_vectors, cfg, torch.Generator().manual_seed(_text_seed(cfg.seed, t)))
-                         for t in token_lists]).to(dev)
+    P = initial_vectors(lm, token_lists, n_vectors, cfg, init)
     exp_avg = torch.zeros_like(P)
     exp_sq = torch.zeros_like(P)
     step = torch.zeros(B, dtype=torch.long)          # optimiser steps taken since the last (re)start
@@ -209,7 +99,7 @@ def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, 
             tok = emb(tgt.clamp(min=0))
             inputs = with_sink(lm, torch.cat([xin, tok[:, :-1, :]], dim=1))
             off = n_sink(lm) + n_vectors - 1
-            logits = lm.model(inputs_embeds=inputs).logits[:, off: off + L, :].float()
+            logits = lm.model(inputs_embeds=inputs, use_cache=False).logits[:, off: off + L, :].float()
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none",
                              ignore_index=-100).view(len(idx), L)
         mask = tgt != -100
@@ -258,12 +148,8 @@ def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, 
                     stuck = gi[since_best[gi] >= patience[gi]]
                     for i in stuck.tolist():
                         restarts[i] += 1
-                        gen = torch.Generator().manual_seed(_text_seed(cfg.seed, token_lists[i], int(restarts[i])))
-                        if init is None:
-                            P[i] = _init_vectors(lm, n_vectors, cfg, gen).to(dev)
-                        else:
-                            P[i] = init.view(B, n_vectors, d)[i].float().to(dev) + 0.1 * torch.randn(
-                                n_vectors, d, generator=gen).to(dev) * lm.embedding.weight.std().item()
+                        P[i] = restart_vectors(lm, cfg, token_lists[i], int(restarts[i]), n_vectors,
+                                               None if init is None else init.view(B, n_vectors, d)[i]).to(dev)
                         exp_avg[i] = 0
                         exp_sq[i] = 0
                         step[i] = 0

@@ -35,4 +35,4 @@ def one_step_inputs(lm: LoadedLM, e: torch.Tensor, m: torch.Tensor, L: int) -> t
 
 def one_step_logits(lm: LoadedLM, e: torch.Tensor, m: torch.Tensor, L: int) -> torch.Tensor:
     """[B, L, vocab]: position i predicts token i of the text, from ONE forward pass."""
-    return lm.model(inputs_embeds=one_step_inputs(lm, e, m, L)).logits[:, n_sink(lm):, :]
+    return lm.model(inputs_embeds=one_step_inputs(lm, e, m, L), use_cache=False).logits[:, n_sink(lm):, :]
