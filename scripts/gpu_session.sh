@@ -24,7 +24,7 @@ left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
 say "gpu: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1); torch $($PY -c 'import torch; print(torch.__version__)')"
 
 # ---- 1. the fitting step's time: eager / static / graph (GPU alone; the LLM code needs no extension)
-timeout 150 $PY benchmarks/llm_step_time.py --device cuda --model "$SMOLLM" --steps 100 \
+timeout 150 $PY benchmarks/llm_step_time.py --device cuda --model "$SMOLLM" --steps 75 \
   --json-out "$R/llm_step_time.json" > "$R/llm_step_time.log" 2>&1
 say "step time: $(grep -E 'ms a step|Error|error' "$R/llm_step_time.log" | tr '\n' ';' | cut -c1-900)"
 
@@ -37,13 +37,13 @@ cap() {  # name, args...
     --log-every 500 --save-every 500 --json-out "$R/$name.json" --vectors-out "$R/$name.pt" "$@" > "$R/$name.log" 2>&1 &
   echo $! > "$R/$name.pid"
 }
-cap os128 --modes one-step --text "$TEXT" --passage-ids 10,575,267 --lengths 128,160 --max-steps 30000 \
+cap os128 --modes one-step --text "$TEXT" --passage-ids 10,575,267 --lengths 128,160 --max-steps 8000 \
   --fit lr=0.015 --fit warmup_steps=300 --resume $RES/gpu_h100_s13/resume_os128.pt \
   --vectors-in $RES/llm_vectors_onestep64_p10.pt $RES/llm_vectors_onestep128_p575_run17.pt $RES/llm_vectors_onestep64_p267_run17.pt
-cap ar80 --modes ar --passage-ids 0,2,3,4 --lengths 80,96 --max-steps 30000 \
+cap ar80 --modes ar --passage-ids 0,2,3,4 --lengths 80,96 --max-steps 8000 \
   --fit lr=0.015 --fit warmup_steps=300 --resume $RES/gpu_h100_s13/llm_vectors_ar80_p0234_resume.pt \
   --vectors-in $RES/llm_vectors_ar64_p0.pt $RES/llm_vectors_ar64_p2.pt $RES/llm_vectors_ar64_p3.pt $RES/gpu_h100/llm_vectors_ar32_p4.pt
-cap ar96 --modes ar --passage-ids 1 --lengths 96,112 --max-steps 30000 \
+cap ar96 --modes ar --passage-ids 1 --lengths 96,112 --max-steps 8000 \
   --fit lr=0.015 --fit warmup_steps=300 --resume $RES/llm_vectors_ar96_p1_run16.pt \
   --vectors-in $RES/llm_vectors_ar80_p1.pt
 say "capacity fits started"

@@ -41,13 +41,6 @@ def assert_same(got, ref):
         torch.testing.assert_close(a.vectors, b.vectors, rtol=0, atol=1e-12)
 
 
-def assert_close_fit(got, ref):
-    assert [(r.accuracy, r.steps, r.restarts) for r in got] == [(r.accuracy, r.steps, r.restarts) for r in ref]
-    for a, b in zip(got, ref):
-        assert abs(a.loss - b.loss) <= 1e-9 * max(1.0, abs(b.loss))
-        torch.testing.assert_close(a.vectors, b.vectors, rtol=0, atol=1e-9)
-
-
 @pytest.mark.parametrize("mode", ["one-step", "ar"])
 def test_static_step_is_the_eager_fit(mode):
     lm = tiny_lm()
@@ -118,8 +111,15 @@ def test_cuda_graph_replays_the_same_fit(mode):
         auto = fit(lm, mode, toks, FitConfig(sync_every=7, **base))  # "auto" is the graph on CUDA
     # a failed capture would fall back to the uncaptured step with this warning: the capture must work
     assert not [w for w in caught if "could not be captured" in str(w.message)], [str(w.message) for w in caught]
-    # Captured, transformers builds an explicit causal mask (it cannot look at the mask's values while a stream is
-    # capturing) where the uncaptured step lets SDPA apply is_causal; the eager loop runs other shapes (only the
-    # active texts). Either may round differently in the last bits, so these compare to float64 rounding.
-    for other in (static, auto, fit(lm, mode, toks, FitConfig(step_mode="eager", **base))):
-        assert_close_fit(got, other)
+    # The same step at the same shapes, replayed: what the uncaptured static step computes, bit for bit
+    assert_same(got, static)
+    assert_same(auto, static)
+    # The eager loop runs other shapes on CUDA (only the active texts), so cuBLAS rounds the float64 logits
+    # differently in the last bits; the fitter casts them to float32 for the loss and keeps the vectors in float32,
+    # and 80 Adam steps amplify that rounding (measured on an H200: loss 1.4e-6 apart, vectors 7.7e-5). The fits
+    # must still take the same course: the same accuracy, steps and restarts per text.
+    eager = fit(lm, mode, toks, FitConfig(step_mode="eager", **base))
+    assert [(r.accuracy, r.steps, r.restarts) for r in got] == [(r.accuracy, r.steps, r.restarts) for r in eager]
+    for a, b in zip(got, eager):
+        assert abs(a.loss - b.loss) <= 1e-5 * abs(b.loss)
+        torch.testing.assert_close(a.vectors, b.vectors, rtol=0, atol=5e-4)
