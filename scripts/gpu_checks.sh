@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, for a machine with an NVIDIA GPU, a CUDA build of torch and nvcc:
 #   1. build the extension with its CUDA kernels (csrc/cuda) — skipped when scalerec/_C*.so exists (REBUILD=1 forces it);
-#   2. the CUDA kernels against the pure-PyTorch references (tests/test_cuda_ops.py);
+#   2. the CUDA kernels against the pure-PyTorch references (tests/test_cuda_ops.py) and the CUDA-graph fitting step
+#      against the uncaptured one (tests/test_llm_static.py);
 #   3. SparseGrad vs LoRA on the GPU: MiniLM-L6 on SST-2 (benchmarks/sparsegrad_sst2.py --device cuda);
 #   4. the LLM capacity ladders on the GPU (benchmarks/llm_capacity.py): one-step, AR and shared m, as three
-#      processes sharing the GPU (per-text seconds are therefore those of a shared GPU). Each fitting step is
-#      launch-bound: on an H200 three such processes ran ~20 ms a step each, but on an H100 five ran > 70 ms and
-#      two > 44 ms a step each (2026-11-26; no rung of 3,000-4,000 steps finished in ~200 s). Prefer one process
-#      with the texts batched (a batch of 5 costs about what one text does); the logs show s a step (--log-every).
+#      processes sharing the GPU (per-text seconds are therefore those of a shared GPU), after the fitting step's
+#      time in its three modes (benchmarks/llm_step_time.py). The eager step was launch-bound (0.1 s a step alone on
+#      an H100); the default step mode on CUDA captures it in a CUDA graph (16-18 ms a step for 3-4 texts of 80-128
+#      tokens on an H200; three processes side by side 33-57 ms each). The logs show s a step (--log-every).
 #
 #   OUT=gpu_out [MINILM=model_folder] [SMOLLM=file.gguf] [SKIP="sparsegrad llm"] [LLM_WARM=1] bash scripts/gpu_checks.sh
 #
 # LLM_WARM=1 starts each capacity rung from the rung below's vectors (llm_capacity.py --warm-ladder).
 #
-# Everything lands in $OUT: log.txt, sparsegrad.json, cap_{one,ar,shared}.{json,log} (the build log: $BUILD_LOG).
+# Everything lands in $OUT: log.txt, sparsegrad.json, llm_step_time.json, cap_{one,ar,shared}.{json,log} (the build log: $BUILD_LOG).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -41,8 +42,8 @@ fi
 say "CUDA kernels registered: $($PY -c 'from scalerec.ops._lib import has_cuda_kernels; print(has_cuda_kernels())' 2>&1)"
 
 # 2. CUDA tests
-say "pytest tests/test_cuda_ops.py"
-timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py 2>&1 | tail -25 | tee -a "$LOG"
+say "pytest tests/test_cuda_ops.py tests/test_llm_static.py"
+timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_llm_static.py 2>&1 | tail -25 | tee -a "$LOG"
 
 # 3. SparseGrad vs LoRA on the GPU (3 seeds; MeProp and full FT at seed 0)
 if [[ " $SKIP " != *" sparsegrad "* ]]; then
@@ -58,6 +59,8 @@ fi
 
 # 4. LLM capacity ladders (restarts off: they re-initialise long fits before they converge; docs/llm.md)
 if [[ " $SKIP " != *" llm "* ]]; then
+  timeout 200 $PY benchmarks/llm_step_time.py --device cuda --model "$SMOLLM" --steps 75 \
+    --json-out "$OUT/llm_step_time.json" 2>&1 | grep "ms a step" | tee -a "$LOG"
   say "llm_capacity: one-step, ar, shared-m in parallel (timeout ${LLM_TIMEOUT}s each)"
   common=(--model "$SMOLLM" --device cuda --dtype float32 --tf32 --sections capacity --passages 5
           --max-steps "$LLM_STEPS" --fit restart_patience=0 --log-every 200)
