@@ -123,19 +123,23 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
             raise ValueError("resume: needs start, and vectors for every text")
         prev = dict(resume)
     spent = {i: (0, 0.0) for i in range(len(texts))}
-    clock = {"t": 0.0, "last": 0}
+    clock = {"t": 0.0, "last": 0, "logged": 0, "saved": 0}
 
     def on_step(step, best_accuracy, active, seconds, best_vectors=None):
-        # a fit (rung) starts its own count (the eager fitter calls this every step, the static/graph one every
-        # sync_every steps)
-        clock["t"] = seconds if step <= clock["last"] or step == 1 else clock["t"] + seconds
+        # The eager fitter calls this every step, the static/graph one every sync_every steps, so a line is logged
+        # (a save made) at the first call at least log_every (save_every) steps after the last one. A fit (rung)
+        # counts its steps from the start again.
+        if step <= clock["last"]:
+            clock.update(t=0.0, logged=0, saved=0)
+        clock["t"] += seconds
         clock["last"] = step
-        if log_every and step % log_every == 0:
+        if log_every and step - clock["logged"] >= log_every:
             log(f"[{mode}] N={n} step {step}: best accuracy {[round(float(a), 4) for a in best_accuracy]}, "
-                f"{int(active.sum())} texts active, {clock['t'] / log_every:.3f} s a step")
-            clock["t"] = 0.0
-        if save_every and step % save_every == 0 and vectors_out is not None and best_vectors is not None:
+                f"{int(active.sum())} texts active, {clock['t'] / (step - clock['logged']):.3f} s a step")
+            clock.update(t=0.0, logged=step)
+        if save_every and step - clock["saved"] >= save_every and vectors_out is not None and best_vectors is not None:
             vectors_out[n] = {i: best_vectors[j].detach().float().cpu().clone() for j, i in enumerate(alive)}
+            clock["saved"] = step
             if on_save is not None:
                 on_save()
 
