@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .fitting import FitConfig, _init_vectors, _text_seed, fit_one_step
+from .fit_config import FitConfig, _init_vectors, _text_seed
+from .fitting import fit_one_step
 from .inputs import one_step_logits
 from .model import LoadedLM
 

@@ -23,8 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .fit_config import (STEP_MODES, FitConfig, FitResult, _check_tokens, _init_vectors, _lr_at,  # noqa: F401
-                         _text_seed, padded_targets, initial_vectors, restart_patience_for, restart_vectors)
+from .fit_config import (FitConfig, FitResult, _check_tokens, _lr_at, initial_vectors, padded_targets,  # noqa: F401
+                         restart_patience_for, restart_vectors)
 from .inputs import n_sink, one_step_logits, with_sink
 from .model import LoadedLM
 from .static_fit import fit_static

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .fitting import FitConfig, _check_tokens, _init_vectors, _lr_at, padded_targets
+from .fit_config import FitConfig, _check_tokens, _init_vectors, _lr_at, padded_targets
 from .inputs import one_step_logits
 from .model import LoadedLM
 
