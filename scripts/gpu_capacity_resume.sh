@@ -3,6 +3,7 @@
 # one-step 128 exact on one text, and the AR mean of 80 (passages 0, 2, 3 exact at 80 and passage 1 at 96).
 #
 #   OUT=dir SMOLLM=file.gguf TEXT=tinyshakespeare.txt [DEADLINE=540] [FROM=benchmarks/results/gpu_h200_s14] \
+#       [OS_RESUME=benchmarks/results/llm_resume_onestep128_latest.pt] \
 #       bash scripts/gpu_capacity_resume.sh
 #
 # Five fits run side by side, ONE process each with its texts batched, float32 with TF32 off (the vectors must also
@@ -18,7 +19,8 @@ OUT=${OUT:?} ; mkdir -p "$OUT"
 R=/tmp/cap_results ; mkdir -p "$R"
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-540}
-FROM=${FROM:-benchmarks/results/gpu_h200_s14}
+FROM=${FROM:-benchmarks/results/gpu_h200_s14}          # AR vectors: ar80b.pt, ar96b.pt (Run 19)
+OS_RESUME=${OS_RESUME:-benchmarks/results/llm_resume_onestep128_latest.pt}  # one-step 128: Runs 19 and 20
 RES=benchmarks/results
 T0=$(date +%s)
 LOG=$R/log.txt
@@ -37,9 +39,9 @@ cap() {  # name, args...
 OS_IN=($RES/llm_vectors_onestep64_p10.pt $RES/llm_vectors_onestep128_p575_run17.pt $RES/llm_vectors_onestep64_p267_run17.pt)
 AR_IN=($RES/llm_vectors_ar64_p0.pt $RES/llm_vectors_ar64_p2.pt $RES/llm_vectors_ar64_p3.pt $RES/gpu_h100/llm_vectors_ar32_p4.pt)
 cap os128 --modes one-step --text "$TEXT" --passage-ids 10,575,267 --lengths 128,160 --max-steps 10000 \
-  --fit restart_patience=0 --resume "$FROM/os128.pt" --vectors-in "${OS_IN[@]}"
+  --fit restart_patience=0 --resume "$OS_RESUME" --vectors-in "${OS_IN[@]}"
 cap os128_p10_restarts --modes one-step --text "$TEXT" --passage-ids 10 --lengths 128,160 --max-steps 10000 \
-  --fit restart_patience=800 --resume "$FROM/os128.pt" --vectors-in "${OS_IN[0]}"
+  --fit restart_patience=800 --resume "$OS_RESUME" --vectors-in "${OS_IN[0]}"
 cap ar80 --modes ar --passage-ids 0,2,3,4 --lengths 80,96 --max-steps 10000 \
   --fit restart_patience=0 --resume "$FROM/ar80b.pt" --vectors-in "${AR_IN[@]}"
 cap ar80_p03_restarts --modes ar --passage-ids 0,3 --lengths 80,96 --max-steps 10000 \
