@@ -64,8 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--cases", default=None,
                     help="mode:B:N,... (default: GPU one-step:3:128,ar:4:80,one-step:32:64; CPU --quick one-step:2:16)")
-    ap.add_argument("--steps", type=int, default=None, help="steps per fit (default: 200 on a GPU, 40 on a CPU)")
-    ap.add_argument("--sync-every", type=int, default=None, help="FitConfig.sync_every (default: 25; 10 on a CPU)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per fit (default: 200 on a GPU, 40 on a CPU, 20 with --quick)")
+    ap.add_argument("--sync-every", type=int, default=None, help="FitConfig.sync_every (default: 25 on a GPU, 5 on a CPU)")
     ap.add_argument("--modes", default=None, help="step modes to time (default: eager,static[,graph on CUDA])")
     ap.add_argument("--quick", action="store_true", help="~2 minutes on a CPU: one small case, few steps")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on a CPU")

@@ -21,11 +21,10 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
-from .fit_config import (FitConfig, FitResult, _check_tokens, _lr_at, initial_vectors, padded_targets,  # noqa: F401
+from .fit_config import (FitConfig, FitResult, _check_tokens, initial_vectors, padded_targets,  # noqa: F401
                          restart_patience_for, restart_vectors)
-from .inputs import n_sink, one_step_logits, with_sink
+from .fit_step import adamw_rows, fit_logits, text_losses
 from .model import LoadedLM
 from .static_fit import fit_static
 
@@ -77,7 +76,6 @@ def _fit_eager(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode:
     histories: list[list[float]] = [[] for _ in range(B)]
     sm = None if shared_m is None else shared_m.detach().to(dev, dt).view(d)
     targets_dev = targets.to(dev)
-    b1, b2 = cfg.betas
     patience = [restart_patience_for(cfg, len(t)) for t in token_lists]  # all None when restarts are off
     patience = None if None in patience else torch.tensor(patience, dtype=torch.long)
 
@@ -90,28 +88,14 @@ def _fit_eager(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode:
         tgt = targets_dev[idx.to(dev), :L]
         x = P[idx.to(dev)].clone().requires_grad_(True)
         xin = x.to(dt)
-        if mode == "one-step":
-            m = xin[:, 1:2, :] if sm is None else sm.view(1, 1, d).expand(len(idx), 1, d)
-            logits = one_step_logits(lm, xin[:, 0:1, :], m, L).float()
-        else:
-            # the mem vectors, then the embeddings of all tokens but the last (padding positions embed token 0:
-            # after the real ones, never seen); position n_mem - 1 predicts token 0
-            tok = emb(tgt.clamp(min=0))
-            inputs = with_sink(lm, torch.cat([xin, tok[:, :-1, :]], dim=1))
-            off = n_sink(lm) + n_vectors - 1
-            logits = lm.model(inputs_embeds=inputs, use_cache=False).logits[:, off: off + L, :].float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none",
-                             ignore_index=-100).view(len(idx), L)
-        mask = tgt != -100
-        n_tok = mask.sum(1)
-        lossc_tok = ce if cfg.ce_floor <= 0 else torch.clamp(ce - cfg.ce_floor, min=0.0)
-        loss_per = (lossc_tok * mask).sum(1) / n_tok
-        plain = (ce * mask).sum(1) / n_tok
+        tok_prev = emb(tgt.clamp(min=0))[:, :-1, :] if mode == "ar" else None
+        shared = None if sm is None else sm.view(1, 1, d).expand(len(idx), 1, d)
+        logits = fit_logits(lm, xin, mode, L, shared_m=shared, tok_prev=tok_prev)
+        loss_per, plain, acc = text_losses(logits, tgt, cfg)
         loss_per.sum().backward()
         with torch.no_grad():
-            correct = ((logits.argmax(-1) == tgt) & mask).sum(1)
-            acc = (correct.float() / n_tok.float()).cpu()
-            lossc = plain.detach().float().cpu()
+            acc = acc.cpu()
+            lossc = plain.float().cpu()
             g = x.grad.detach().float()
             # best state (evaluated before this step's update)
             better = (acc > best_acc[idx]) | ((acc == best_acc[idx]) & (lossc < best_loss[idx]))
@@ -132,18 +116,9 @@ def _fit_eager(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode:
             if bool(go.any()):
                 gi = idx[go]
                 gd = gi.to(dev)
-                gg = g[go.to(dev)]
-                if cfg.clip_norm is not None:
-                    norms = gg.flatten(1).norm(dim=1).clamp(min=1e-12)
-                    gg = gg * torch.clamp(cfg.clip_norm / norms, max=1.0).view(-1, 1, 1)
                 step[gi] += 1
-                st = step[gi].float().to(dev).view(-1, 1, 1)
-                lr = _lr_at(cfg, step[gi] - 1).to(dev).view(-1, 1, 1)
-                exp_avg[gd] = exp_avg[gd] * b1 + gg * (1 - b1)
-                exp_sq[gd] = exp_sq[gd] * b2 + gg * gg * (1 - b2)
-                denom = (exp_sq[gd] / (1 - b2 ** st)).sqrt() + cfg.eps
-                upd = (exp_avg[gd] / (1 - b1 ** st)) / denom
-                P[gd] = P[gd] * (1 - lr * cfg.weight_decay) - lr * upd
+                P[gd], exp_avg[gd], exp_sq[gd] = adamw_rows(P[gd], exp_avg[gd], exp_sq[gd], g[go.to(dev)],
+                                                            step[gi].to(dev), cfg)
                 if patience is not None:
                     stuck = gi[since_best[gi] >= patience[gi]]
                     for i in stuck.tolist():

@@ -13,7 +13,8 @@ the eager loop decides on the host is a mask on the device:
   following steps (no step counted) until the host re-initialises it at its next look, every ``sync_every``
   steps. So its trajectory is the eager one, only later in wall time.
 
-The update rule is the eager loop's, operation for operation (``tests/test_llm_static.py`` compares the two). The
+The step's arithmetic is the eager loop's own (``fit_step.py``: logits, losses, AdamW), and only the bookkeeping
+around it differs (``tests/test_llm_static.py`` compares the two fits). The
 batch is never compacted: texts that finished early still ride along (masked) until the last one ends, which costs
 arithmetic but no launches. ``capture=True`` records one step in a CUDA graph after three eager warm-up steps (real
 steps of the fit) and replays it; if capturing fails (an op of the model that syncs with the host), the fit goes
@@ -25,11 +26,10 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from .fit_config import FitConfig, FitResult, _check_tokens, _lr_at, padded_targets, \
-    initial_vectors, restart_patience_for, restart_vectors
-from .inputs import n_sink, one_step_logits, with_sink
+from .fit_config import FitConfig, FitResult, _check_tokens, initial_vectors, padded_targets, \
+    restart_patience_for, restart_vectors
+from .fit_step import adamw_rows, fit_logits, text_losses
 from .model import LoadedLM
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capturing (CUDA graphs need the allocator warmed up)
@@ -48,8 +48,6 @@ def fit_static(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode:
     lengths, targets = padded_targets(token_lists)
     L = int(lengths.max())
     tgt = targets.to(dev)
-    mask = tgt != -100
-    n_tok = mask.sum(1)
     P = initial_vectors(lm, token_lists, n_vectors, cfg, init)
     exp_avg = torch.zeros_like(P)
     exp_sq = torch.zeros_like(P)
@@ -66,30 +64,17 @@ def fit_static(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode:
     patience = [restart_patience_for(cfg, len(t)) for t in token_lists]
     patience = None if None in patience else torch.tensor(patience, dtype=torch.long, device=dev)
     sm = None if shared_m is None else shared_m.detach().to(dev, dt).view(1, 1, d).expand(B, 1, d)
-    tok_in = None
+    tok_prev = None
     if mode == "ar":  # the teacher-forced token embeddings (frozen): the same every step
         with torch.no_grad():
-            tok_in = lm.embedding(tgt.clamp(min=0))[:, :-1, :].to(dt)
-    off = n_sink(lm) + n_vectors - 1
-    b1, b2 = cfg.betas
+            tok_prev = lm.embedding(tgt.clamp(min=0))[:, :-1, :]
 
     def one_step():
         x = P.detach().requires_grad_(True)
-        xin = x.to(dt)
-        if mode == "one-step":
-            m = xin[:, 1:2, :] if sm is None else sm
-            logits = one_step_logits(lm, xin[:, 0:1, :], m, L).float()
-        else:
-            inputs = with_sink(lm, torch.cat([xin, tok_in], dim=1))
-            logits = lm.model(inputs_embeds=inputs, use_cache=False).logits[:, off: off + L, :].float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none",
-                             ignore_index=-100).view(B, L)
-        lossc_tok = ce if cfg.ce_floor <= 0 else torch.clamp(ce - cfg.ce_floor, min=0.0)
-        loss_per = (lossc_tok * mask).sum(1) / n_tok
+        logits = fit_logits(lm, x.to(dt), mode, L, shared_m=sm, tok_prev=tok_prev)
+        loss_per, plain, acc = text_losses(logits, tgt, cfg)
         (g,) = torch.autograd.grad(loss_per.sum(), x)
         with torch.no_grad():
-            plain = (ce * mask).sum(1) / n_tok
-            acc = ((logits.argmax(-1) == tgt) & mask).sum(1).float() / n_tok.float()
             live = go & ~wait
             better = live & ((acc > best_acc) | ((acc == best_acc) & (plain < best_loss)))
             improved_acc = acc > best_acc
@@ -100,17 +85,8 @@ def fit_static(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode:
             total.add_(live.long())
             done = live & ((acc >= cfg.target_accuracy) | (total >= cfg.max_steps))
             upd = live & ~done
-            gg = g.float()
-            if cfg.clip_norm is not None:
-                norms = gg.flatten(1).norm(dim=1).clamp(min=1e-12)
-                gg = gg * torch.clamp(cfg.clip_norm / norms, max=1.0).view(-1, 1, 1)
             step.add_(upd.long())
-            st = step.clamp(min=1).float().view(-1, 1, 1)
-            lr = _lr_at(cfg, step - 1).view(-1, 1, 1)
-            ea = exp_avg * b1 + gg * (1 - b1)
-            es = exp_sq * b2 + gg * gg * (1 - b2)
-            denom = (es / (1 - b2 ** st)).sqrt() + cfg.eps
-            new_P = P * (1 - lr * cfg.weight_decay) - lr * ((ea / (1 - b1 ** st)) / denom)
+            new_P, ea, es = adamw_rows(P, exp_avg, exp_sq, g, step, cfg)
             u = upd.view(B, 1, 1)
             exp_avg.copy_(torch.where(u, ea, exp_avg))
             exp_sq.copy_(torch.where(u, es, exp_sq))

@@ -1,0 +1,60 @@
+"""The arithmetic of one fitting step, shared by the eager fitter (``fitting.py``) and the fixed-shape one
+(``static_fit.py``), so that both follow one update rule: the logits of the texts' inputs, the per-text losses and
+token accuracy, and the per-text AdamW update."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .fit_config import FitConfig, _lr_at
+from .inputs import n_sink, one_step_logits, with_sink
+from .model import LoadedLM
+
+
+def fit_logits(lm: LoadedLM, xin: torch.Tensor, mode: str, L: int, shared_m: torch.Tensor | None = None,
+               tok_prev: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 logits [B, L, vocab] whose position i predicts token i, for the fitted vectors ``xin``
+    [B, n_vectors, d] (model dtype). One-step: ``xin`` is [e, m], or [e] with ``shared_m`` [B, 1, d]. AR: the mem
+    vectors, then ``tok_prev`` [B, L - 1, d], the embeddings of all tokens but the last (padding positions embed
+    token 0: after the real ones, never seen); position n_mem - 1 predicts token 0."""
+    if mode == "one-step":
+        m = xin[:, 1:2, :] if shared_m is None else shared_m
+        return one_step_logits(lm, xin[:, 0:1, :], m, L).float()
+    inputs = with_sink(lm, torch.cat([xin, tok_prev], dim=1))
+    off = n_sink(lm) + xin.shape[1] - 1
+    return lm.model(inputs_embeds=inputs, use_cache=False).logits[:, off: off + L, :].float()
+
+
+def text_losses(logits: torch.Tensor, tgt: torch.Tensor, cfg: FitConfig):
+    """Per text: (the loss to differentiate: mean of max(CE - ce_floor, 0) over its tokens; the plain mean CE; its
+    token accuracy). ``tgt`` [B, L] is right-padded with -100."""
+    B, L = tgt.shape
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none",
+                         ignore_index=-100).view(B, L)
+    mask = tgt != -100
+    n_tok = mask.sum(1)
+    lossc_tok = ce if cfg.ce_floor <= 0 else torch.clamp(ce - cfg.ce_floor, min=0.0)
+    loss_per = (lossc_tok * mask).sum(1) / n_tok
+    with torch.no_grad():
+        plain = (ce * mask).sum(1) / n_tok
+        acc = ((logits.argmax(-1) == tgt) & mask).sum(1).float() / n_tok.float()
+    return loss_per, plain, acc
+
+
+@torch.no_grad()
+def adamw_rows(P: torch.Tensor, exp_avg: torch.Tensor, exp_sq: torch.Tensor, g: torch.Tensor, steps: torch.Tensor,
+               cfg: FitConfig):
+    """One AdamW step of each text's vectors ([R, n_vectors, d] rows, float32), with a per-text gradient-norm clip
+    and per-text learning rate and bias corrections. ``steps`` [R]: each row's step count including this step.
+    Returns (new vectors, new first moments, new second moments)."""
+    b1, b2 = cfg.betas
+    gg = g.float()
+    if cfg.clip_norm is not None:
+        norms = gg.flatten(1).norm(dim=1).clamp(min=1e-12)
+        gg = gg * torch.clamp(cfg.clip_norm / norms, max=1.0).view(-1, 1, 1)
+    st = steps.clamp(min=1).float().view(-1, 1, 1)
+    lr = _lr_at(cfg, steps - 1).view(-1, 1, 1)
+    ea = exp_avg * b1 + gg * (1 - b1)
+    es = exp_sq * b2 + gg * gg * (1 - b2)
+    denom = (es / (1 - b2 ** st)).sqrt() + cfg.eps
+    return P * (1 - lr * cfg.weight_decay) - lr * ((ea / (1 - b1 ** st)) / denom), ea, es
