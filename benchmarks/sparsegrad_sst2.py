@@ -103,13 +103,13 @@ def main() -> int:
     ap.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (runs are sequential)")
     ap.add_argument("--grad-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="dtype of SparseGrad/MeProp weight-gradient GEMMs (auto: bfloat16 on a GPU or a CPU with "
+                    help="dtype of SparseGrad/MeProp weight-gradient GEMMs (auto: bfloat16 on a CPU with "
                          "AVX512-BF16/AMX, else float32)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU memory: torch's allocator peak)")
     ap.add_argument("--model", default=None, help="model folder or alias (default: minilm; --lm: smollm2)")
     ap.add_argument("--max-length", type=int, default=None, help="SST-2 tokens per sentence (default 32)")
     ap.add_argument("--sparse-state", default="auto", choices=["auto", "compact", "dense"],
-                    help="SparseGrad/MeProp Adam moments: compact entry set or dense (auto: dense on a GPU)")
+                    help="SparseGrad/MeProp Adam moments: compact entry set (auto) or dense")
     ap.add_argument("--unfused-optimizer", action="store_true",
                     help="SparseGrad/MeProp: run the lazy-Adam step's Python reference instead of the one-call op")
     ap.add_argument("--out", default=None, help="also write all runs and the summary to this JSON file")

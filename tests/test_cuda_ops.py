@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from scalerec.ops._lib import has_cuda_kernels
+from test_ops_sparsegrad import _compact_merge_cases
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not has_cuda_kernels(),
@@ -202,10 +203,10 @@ def test_sparsegrad_layer_on_cuda():
     change = (layer.rotated_weight.double() - w0).abs()  # round-off of the float32 W outside the k entries
     assert int(sel.sum()) == 40 and torch.equal(change > 1e-4, sel)
     st = opt.state[layer.weight]
-    assert "idx" not in st and st["m"].numel() == 48 * 32  # "auto": dense moments on the GPU (no host sync)
-    # the same step with the compact layout gives the same weights
+    assert "idx" in st and st["idx"].is_cuda and int(st["t"].count_nonzero()) == 40  # "auto": compact moments
+    # the same step with the dense layout gives the same weights
     model2 = torch.nn.Sequential(SparseGradLinear(lin_copy, uo, ui, k=40))
-    opt2 = SparseGradOptimizer(model2, lr=1e-2, sparse_lr=1e-2, state_layout="compact")
+    opt2 = SparseGradOptimizer(model2, lr=1e-2, sparse_lr=1e-2, state_layout="dense")
     model2(x).pow(2).sum().backward()
     opt2.step()
     assert torch.equal(model2[0].weight, layer.weight)
@@ -262,3 +263,40 @@ def test_adam_entries_kernel_on_cuda(dtype):
     assert torch.equal(a[2].cpu(), b[2])
     for x, y in zip((d, a[0], a[1]), (e, b[0], b[1])):
         torch.testing.assert_close(x.cpu(), y, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_compact_merge_on_cuda_matches_cpu(dtype):
+    """The sync-free CUDA merge of new entries into a compact lazy-Adam state equals the CPU kernel (and so its
+    reference) on random sets: empty, partly full, keys all known, all new, and a merge that fills the buffer."""
+    from scalerec.ops.sparse_grad import sparsegrad_compact_merge
+
+    for case in _compact_merge_cases(dtype):
+        cpu = sparsegrad_compact_merge(*case)
+        gpu = sparsegrad_compact_merge(*[x.to(DEV) for x in case])
+        for a, b in zip(cpu, gpu):
+            assert torch.equal(a, b.cpu())
+
+
+def test_compact_and_dense_state_train_alike_on_cuda():
+    """On the GPU the compact state (merged without host syncs, its size read only when its room runs out) and the
+    dense one give the same weights over several steps with moving selections, and the compact set grew."""
+    from scalerec.peft.layers import SparseGradLinear
+    from scalerec.peft.sparsegrad import SparseGradOptimizer
+
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(32, 48).to(DEV)
+    uo = torch.linalg.qr(torch.randn(48, 48))[0]
+    ui = torch.linalg.qr(torch.randn(32, 32))[0]
+    models = {lay: torch.nn.Sequential(SparseGradLinear(copy.deepcopy(lin), uo, ui, k=40)) for lay in ("compact", "dense")}
+    opts = {lay: SparseGradOptimizer(m, lr=1e-2, sparse_lr=1e-2, state_layout=lay, slack_steps=1)
+            for lay, m in models.items()}
+    for step in range(8):
+        x = torch.randn(20, 32, device=DEV)
+        for lay, m in models.items():
+            m(x).pow(2).sum().backward()
+            opts[lay].step()
+            opts[lay].zero_grad()
+    assert torch.equal(models["compact"][0].weight, models["dense"][0].weight)
+    st = opts["compact"].state[models["compact"][0].weight]
+    assert int(st["t"].count_nonzero()) > 40 and opts["compact"].size_reads >= 1

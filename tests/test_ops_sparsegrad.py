@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from scalerec.ops.sparse_grad import (sparse_linear, sparsegrad_rotated_update_, sparsegrad_rotated_update_reference,
+from scalerec.ops.sparse_grad import (sparse_linear, sparsegrad_compact_merge, sparsegrad_compact_merge_reference,
+                                      sparsegrad_rotated_update_, sparsegrad_rotated_update_reference,
                                       sparsegrad_topk_grad, sparsegrad_topk_grad_reference)
 
 
@@ -282,3 +283,83 @@ def test_topk_grad_large_matrix_selection(case):
     want = _topk_abs_with_ties(G.flatten(), k)
     assert torch.equal(idx, want)
     assert torch.equal(val, G.flatten()[want])
+
+
+def _compact_state(known, capacity, dtype, seed=0):
+    """A compact lazy-Adam state of the given capacity holding the sorted ids ``known`` (random moments and step
+    counts), sentinels and zero state after them."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(known)
+    idx = torch.full((capacity,), torch.iinfo(dtype).max, dtype=dtype)
+    idx[:n] = torch.tensor(sorted(known), dtype=dtype)
+    m, v, t = torch.zeros(capacity), torch.zeros(capacity), torch.zeros(capacity, dtype=torch.int32)
+    m[:n], v[:n] = torch.randn(n, generator=g), torch.rand(n, generator=g)
+    t[:n] = torch.randint(1, 50, (n,), generator=g, dtype=torch.int32)
+    return idx, m, v, t
+
+
+def _compact_merge_cases(dtype):
+    """(idx, m, v, t, keys) cases: empty set, partly full, all keys known, all new, one that fills the buffer exactly,
+    keys below / between / above the known ids, no keys, and random ones."""
+    k = lambda *ids: torch.tensor(ids, dtype=dtype)  # noqa: E731
+    cases = [
+        (*_compact_state([], 5, dtype), k(3, 9, 40)),
+        (*_compact_state([4, 8, 30], 8, dtype), k(0, 8, 9, 31)),
+        (*_compact_state([4, 8, 30], 4, dtype), k(4, 8, 30)),
+        (*_compact_state([4, 8, 30], 6, dtype), k(1, 5, 31)),           # fills the buffer exactly
+        (*_compact_state([10, 20], 6, dtype), k(0, 1, 2, 3)),
+        (*_compact_state([10, 20], 3, dtype), k()),
+    ]
+    g = torch.Generator().manual_seed(1)
+    for r in range(20):
+        n_ids = 300
+        known = torch.randperm(n_ids, generator=g)[:int(torch.randint(0, 60, (1,), generator=g))].tolist()
+        keys = torch.randperm(n_ids, generator=g)[:int(torch.randint(0, 50, (1,), generator=g))].sort().values
+        cases.append((*_compact_state(known, len(known) + 50, dtype, seed=r), keys.to(dtype)))
+    return cases
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_compact_merge_matches_reference(dtype):
+    """The C++ merge of a step's selection into a compact lazy-Adam state equals its sort-based reference, keeps
+    the set sorted with sentinels after it, carries each known entry's state, zeroes the new ones' and returns each
+    key's place."""
+    sent = torch.iinfo(dtype).max
+    for idx, m, v, t, keys in _compact_merge_cases(dtype):
+        out = sparsegrad_compact_merge(idx, m, v, t, keys)
+        ref = sparsegrad_compact_merge_reference(idx, m, v, t, keys)
+        for a, b in zip(out, ref):
+            assert torch.equal(a, b)
+        idx2, m2, v2, t2, pos = out
+        assert pos.dtype == torch.long and torch.equal(idx2[pos], keys)
+        known = set(idx[idx != sent].tolist())
+        union = sorted(known | set(keys.tolist()))
+        assert idx2[:len(union)].tolist() == union and bool((idx2[len(union):] == sent).all())
+        for i, e in enumerate(union):
+            if e in known:
+                j = idx.tolist().index(e)
+                assert (m2[i], v2[i], t2[i]) == (m[j], v[j], t[j])
+            else:
+                assert (m2[i], v2[i], t2[i]) == (0, 0, 0)
+        assert not m2[len(union):].any() and not t2[len(union):].any()
+        assert idx.numel() == idx2.numel()  # the capacity is the caller's
+
+
+def test_compact_merge_rejects_bad_input():
+    idx, m, v, t = _compact_state([4, 8], 3, torch.int32)
+    with pytest.raises(RuntimeError, match="entry set is full"):
+        sparsegrad_compact_merge(idx, m, v, t, torch.tensor([1, 5], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="entry set is full"):
+        sparsegrad_compact_merge_reference(idx, m, v, t, torch.tensor([1, 5], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="strictly ascending"):
+        sparsegrad_compact_merge(idx, m, v, t, torch.tensor([5, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="must be in"):
+        sparsegrad_compact_merge(idx, m, v, t, torch.tensor([-1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="keys must have idx's dtype"):
+        sparsegrad_compact_merge(idx, m, v, t, torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="one length"):
+        sparsegrad_compact_merge(idx, m[:2], v, t, torch.tensor([1], dtype=torch.int32))
+    bad = idx.clone()
+    bad[0], bad[1] = 8, 4
+    with pytest.raises(RuntimeError, match="idx must be strictly ascending"):
+        sparsegrad_compact_merge(bad, m, v, t, torch.tensor([1], dtype=torch.int32))

@@ -48,6 +48,13 @@ def _adam_entries_fake(exp_avg, exp_avg_sq, steps, positions, values, lr, beta1,
     return torch.empty_like(values)
 
 
+@torch.library.register_fake("scalerec::sparsegrad_compact_merge")
+def _compact_merge_fake(idx, exp_avg, exp_avg_sq, steps, keys):
+    torch._check(idx.dim() == 1 and keys.dim() == 1)
+    return (torch.empty_like(idx), torch.empty_like(exp_avg), torch.empty_like(exp_avg_sq), torch.empty_like(steps),
+            keys.new_empty(keys.shape, dtype=torch.long))
+
+
 # --------------------------------------------------------------------------- python faces
 def sparsegrad_topk_grad(grad_out: torch.Tensor, x: torch.Tensor, u_out: torch.Tensor | None,
                          u_in: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +93,38 @@ def sparsegrad_adam_entries_(exp_avg, exp_avg_sq, steps, positions, values, lr: 
                                                        float(beta1), float(beta2), float(eps))
 
 
+def sparsegrad_compact_merge(idx, exp_avg, exp_avg_sq, steps, keys):
+    """Merge one step's selected entries ``keys`` (flat ids, strictly ascending) into a compact lazy-Adam state of
+    fixed capacity ``C``: ``idx`` (the ids seen so far, ascending, then the sentinel ``iinfo(idx.dtype).max`` up to
+    ``C``), with the moments ``exp_avg``, ``exp_avg_sq`` and int32 step counts ``steps`` of each slot. New entries
+    enter with zero state; returns the merged ``(idx, exp_avg, exp_avg_sq, steps)`` (new tensors, capacity ``C``)
+    and each key's position in them (int64). The caller leaves room for the new entries (an error on the CPU, a
+    device assert on CUDA otherwise). No host sync on a GPU: two kernels and a prefix sum."""
+    return torch.ops.scalerec.sparsegrad_compact_merge(idx, exp_avg, exp_avg_sq, steps, keys)
+
+
 # --------------------------------------------------------------------------- references
+def sparsegrad_compact_merge_reference(idx, exp_avg, exp_avg_sq, steps, keys):
+    """Pure-PyTorch reference of :func:`sparsegrad_compact_merge`: the keys not yet in ``idx`` replace sentinels
+    through one sort of ``idx ++ new keys``; the state follows the sort's permutation."""
+    sent = torch.iinfo(idx.dtype).max
+    C, k = idx.numel(), keys.numel()
+    if C == 0 or k == 0:
+        if k:
+            raise RuntimeError("sparsegrad_compact_merge: the entry set is full (capacity 0); make room first")
+        return idx.clone(), exp_avg.clone(), exp_avg_sq.clone(), steps.clone(), keys.new_empty(0, dtype=torch.long)
+    hit = idx[torch.searchsorted(idx, keys).clamp(max=C - 1)] == keys
+    merged, order = torch.sort(torch.cat([idx, keys.masked_fill(hit, sent)]), stable=True)
+    if int(merged[C]) != sent:
+        raise RuntimeError(f"sparsegrad_compact_merge: the entry set is full (capacity {C}); make room first")
+    order = order[:C]
+    def grown(x):
+        return torch.cat([x, x.new_zeros(k)])[order]
+    new_idx = merged[:C].clone()
+    return new_idx, grown(exp_avg), grown(exp_avg_sq), grown(steps), torch.searchsorted(new_idx, keys)
+
+
+
 def sparsegrad_adam_entries_reference(exp_avg, exp_avg_sq, steps, positions, values, lr, beta1, beta2, eps):
     """Pure-PyTorch reference of :func:`sparsegrad_adam_entries_`: like the kernel, half types are computed in
     float32 and rounded once, and the bias corrections in float64."""

@@ -54,7 +54,7 @@ class FinetuneSettings:
     text: str | None = None
     threads: int | None = None
     device: str = "cpu"              # "cpu", "cuda" or "cuda:N"
-    sparse_state: str = "auto"       # SparseGrad/MeProp Adam moments: auto (dense on a GPU), compact or dense
+    sparse_state: str = "auto"       # SparseGrad/MeProp Adam moments: auto (= compact), compact or dense
     fused_optimizer: bool = True     # SparseGrad/MeProp: the lazy-Adam step as one C++ call (False: its Python reference)
 
     def __post_init__(self):
@@ -295,10 +295,12 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
         info["cuda_train_peak_mb"] = _cuda_mb(dev)  # the training loop's peak (model, optimizer state, activations)
     elapsed = time.perf_counter() - t_start if t_start is not None else float("nan")
     rss_train = peak_rss_mb()
-    # entries with Adam moments on the rotated weights (SparseGrad/MeProp): the union of the selected entries
-    # (compact layout: the entry set; dense layout: the entries whose step count is > 0)
-    info["sparse_state_entries"] = sum(int(st["idx"].numel()) if "idx" in st else int(st["t"].count_nonzero())
-                                       for st in opt.state.values() if "t" in st)
+    # entries with Adam moments on the rotated weights (SparseGrad/MeProp): the union of the selected entries (those
+    # with a step count > 0, in either layout), and the bytes that the lazy-Adam state holds for them
+    sparse = [st for st in opt.state.values() if "t" in st]
+    info["sparse_state_entries"] = sum(int(st["t"].count_nonzero()) for st in sparse)
+    info["sparse_state_mb"] = sum(st[n].numel() * st[n].element_size() for st in sparse
+                                  for n in ("idx", "m", "v", "t") if n in st) / 2**20
     timed = s.steps - warm
     after = evaluate(model, eval_batches())
     res = {
