@@ -77,6 +77,9 @@ def summarize(runs: list[dict], metric: str) -> dict:
         if "cuda_train_peak_mb" in rs[0]:
             row["cuda_train_peak_mb"] = mean([r["cuda_train_peak_mb"] for r in rs])
             row["cuda_after_load_mb"] = mean([r["cuda_after_load_mb"] for r in rs])
+        for key in ("tensor_peak_mb", "sparse_state_mb"):
+            if key in rs[0]:
+                row[key] = mean([r[key] for r in rs])
         if lora:
             pairs = [(r, lora[r["seed"]]) for r in rs if r["seed"] in lora]
             if "cuda_train_peak_mb" in rs[0]:
@@ -84,6 +87,8 @@ def summarize(runs: list[dict], metric: str) -> dict:
                 row["cuda_beyond_model_vs_lora"] = mean(
                     [(a["cuda_train_peak_mb"] - a["cuda_after_load_mb"])
                      / (b["cuda_train_peak_mb"] - b["cuda_after_load_mb"]) for a, b in pairs])
+            if "tensor_peak_mb" in rs[0] and "tensor_peak_mb" in pairs[0][1]:
+                row["tensor_peak_vs_lora"] = mean([a["tensor_peak_mb"] / b["tensor_peak_mb"] for a, b in pairs])
             row["speed_vs_lora"] = mean([a["steps_per_s"] / b["steps_per_s"] for a, b in pairs])
             row["peak_rss_vs_lora"] = mean([a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in pairs])
             row["train_mem_vs_lora"] = mean([(a["peak_rss_mb"] - a["rss_after_load_mb"])
@@ -112,6 +117,9 @@ def main() -> int:
                     help="SparseGrad/MeProp Adam moments: compact entry set (auto) or dense")
     ap.add_argument("--unfused-optimizer", action="store_true",
                     help="SparseGrad/MeProp: run the lazy-Adam step's Python reference instead of the one-call op")
+    ap.add_argument("--tensor-memory", action="store_true",
+                    help="CPU: also measure the peak of live tensor memory over the last step (torch's profiler; the "
+                         "CPU analogue of the GPU's allocator peak, without RSS's cache and fragmentation)")
     ap.add_argument("--out", default=None, help="also write all runs and the summary to this JSON file")
     args = ap.parse_args()
     if args.grad_dtype == "auto":
@@ -147,6 +155,8 @@ def main() -> int:
     base["device"] = args.device
     base["sparse_state"] = args.sparse_state
     base["fused_optimizer"] = not args.unfused_optimizer
+    if args.tensor_memory:
+        base["tensor_memory"] = True
     for m in methods:
         if m not in METHODS:
             ap.error(f"--methods: {m!r} is not one of {METHODS}")
@@ -162,6 +172,7 @@ def main() -> int:
                 with open(args.out, "w") as f:
                     json.dump({"partial": True, "settings": base, "runs": runs}, f, indent=1, default=str)
             gpu = f" cuda_peak={r['cuda_train_peak_mb']:.0f}MB" if "cuda_train_peak_mb" in r else ""
+            gpu += f" tensor_peak={r['tensor_peak_mb']:.1f}MB" if "tensor_peak_mb" in r else ""
             print(f"[{time.time() - t0:6.0f}s] seed={seed} {m:10s} {extra} steps/s={r['steps_per_s']:.3f} "
                   f"peak_rss={r['peak_rss_mb']:.0f}MB{gpu} "
                   f"train_mem={r['peak_rss_mb'] - r['rss_after_load_mb']:.0f}MB", file=sys.stderr, flush=True)

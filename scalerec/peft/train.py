@@ -56,6 +56,7 @@ class FinetuneSettings:
     device: str = "cpu"              # "cpu", "cuda" or "cuda:N"
     sparse_state: str = "auto"       # SparseGrad/MeProp Adam moments: auto (= compact), compact or dense
     fused_optimizer: bool = True     # SparseGrad/MeProp: the lazy-Adam step as one C++ call (False: its Python reference)
+    tensor_memory: bool = False      # CPU: the last two steps run under a memory profiler -> tensor_peak_mb
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -66,6 +67,9 @@ class FinetuneSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.tensor_memory and (self.steps < 6 or not str(self.device).startswith("cpu")):
+            raise ValueError(f"tensor_memory needs device=cpu (on a GPU the allocator's peak is reported anyway) "
+                             f"and steps >= 6, got device={self.device!r}, steps={self.steps}")
         if not (0.0 < float(self.density) <= 1.0):
             raise ValueError(f"density must be in (0, 1], got {self.density!r}")
         if self.sparse_state not in SparseGradOptimizer.STATE_LAYOUTS:
@@ -273,11 +277,8 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
     warm = min(3, s.steps - 1)
     t_start = None
     losses = []
-    for step, batch in enumerate(itertools.islice(train_it, s.steps), start=1):
-        if step == warm + 1:
-            if cuda:
-                torch.cuda.synchronize(dev)
-            t_start = time.perf_counter()
+
+    def train_step(step: int, batch) -> None:
         loss = model(**batch).loss
         loss.backward()
         opt.step()
@@ -287,13 +288,33 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if log is not None:
             log({"event": "step", "step": step, "loss": losses[-1], "time": time.time()})
+
+    timed_steps = s.steps - 2 if s.tensor_memory else s.steps  # the profiled steps are not timed
+    batches = itertools.islice(train_it, s.steps)
+    for step, batch in enumerate(itertools.islice(batches, timed_steps), start=1):
+        if step == warm + 1:
+            if cuda:
+                torch.cuda.synchronize(dev)
+            t_start = time.perf_counter()
+        train_step(step, batch)
+    if cuda:
+        torch.cuda.synchronize(dev)
+    t_end = time.perf_counter()
+    if s.tensor_memory:  # the last step's peak of live tensors, with the state of all steps before it
+        from scalerec.peft.memory import live_tensor_bytes, peak_tensor_bytes
+
+        b1, b2 = next(batches), next(batches)
+        info["tensor_peak_mb"] = peak_tensor_bytes(
+            work=lambda: train_step(s.steps, b2), warmup=lambda: train_step(s.steps - 1, b1),
+            live_at_start=lambda: live_tensor_bytes(b2, model=model, optimizer=opt)) / 2**20
+        info["tensor_model_mb"] = live_tensor_bytes(model=model) / 2**20
     bar.close()
     if cuda:
         torch.cuda.synchronize(dev)
         info["device"] = torch.cuda.get_device_name(dev)
         info["cuda_after_load_mb"] = cuda_loaded
         info["cuda_train_peak_mb"] = _cuda_mb(dev)  # the training loop's peak (model, optimizer state, activations)
-    elapsed = time.perf_counter() - t_start if t_start is not None else float("nan")
+    elapsed = t_end - t_start if t_start is not None else float("nan")
     rss_train = peak_rss_mb()
     # entries with Adam moments on the rotated weights (SparseGrad/MeProp): the union of the selected entries (those
     # with a step count > 0, in either layout), and the bytes that the lazy-Adam state holds for them
@@ -301,7 +322,7 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
     info["sparse_state_entries"] = sum(int(st["t"].count_nonzero()) for st in sparse)
     info["sparse_state_mb"] = sum(st[n].numel() * st[n].element_size() for st in sparse
                                   for n in ("idx", "m", "v", "t") if n in st) / 2**20
-    timed = s.steps - warm
+    timed = timed_steps - warm
     after = evaluate(model, eval_batches())
     res = {
         "method": s.method, "task": s.task, "seed": s.seed, "steps": s.steps, "batch_size": s.batch_size,
