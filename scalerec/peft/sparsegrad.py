@@ -381,8 +381,9 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                 st["v"] = torch.zeros_like(st["m"])
                 st["t"] = torch.zeros(cap, dtype=torch.int32, device=p.device)  # per-entry step counts
                 st["bound"] = 0
-            if st["idx"].dtype != key.dtype:
-                st["idx"] = st["idx"].to(key.dtype)  # a state saved with the other id width
+            if st["idx"].dtype != key.dtype:  # a state saved with the other id width: its sentinels too
+                old = st["idx"]
+                st["idx"] = old.to(key.dtype).masked_fill(old == torch.iinfo(old.dtype).max, torch.iinfo(key.dtype).max)
             cap = st["idx"].numel()
             if cap < p.numel() and st.get("bound", cap) + key.numel() > cap:
                 check.append((p, st, key))
