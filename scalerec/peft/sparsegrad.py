@@ -367,10 +367,11 @@ class SparseGradOptimizer(torch.optim.Optimizer):
     def _compact_positions(self, items) -> list[torch.Tensor]:
         """Merge each weight's selected entries into its compact entry set (new ones with zero moments) and return
         their places in it. Room first: a weight's set grows by at most its k selected entries a step, and
-        ``st["bound"]`` (host) is an upper bound of its size; the exact sizes are read, in one transfer for all the
-        weights that need it, only when a bound leaves no room for this step's keys, and a set then grows to hold
-        ``slack_steps`` more steps' worth. int32 entry ids where the weight allows."""
-        keys, check = [], []
+        ``st["bound"]`` (host) is an upper bound of its size. Only when some bound leaves no room for this step's
+        keys are the exact sizes read: all the weights' in one transfer (so that their bounds stay in phase and the
+        next read is at least ``slack_steps // 2`` steps away), and every set with room for fewer steps than that
+        grows to hold ``slack_steps`` steps' worth. int32 entry ids where the weight allows."""
+        keys, sets = [], []
         for p, st, idx, val in items:
             key = idx.to(torch.int32) if p.numel() < 2**31 else idx
             keys.append(key)
@@ -384,17 +385,17 @@ class SparseGradOptimizer(torch.optim.Optimizer):
             if st["idx"].dtype != key.dtype:  # a state saved with the other id width: its sentinels too
                 old = st["idx"]
                 st["idx"] = old.to(key.dtype).masked_fill(old == torch.iinfo(old.dtype).max, torch.iinfo(key.dtype).max)
-            cap = st["idx"].numel()
-            if cap < p.numel() and st.get("bound", cap) + key.numel() > cap:
-                check.append((p, st, key))
-        if check:
-            sent = [torch.iinfo(k.dtype).max for _, _, k in check]
-            sizes = torch.stack([(st["idx"] != s).sum() for (_, st, _), s in zip(check, sent)]).tolist()  # one sync
+            if st["idx"].numel() < p.numel():  # a set that may run out of room (one as large as the weight cannot)
+                sets.append((p, st, key))
+        if any(st.get("bound", st["idx"].numel()) + key.numel() > st["idx"].numel() for _, st, key in sets):
+            sent = [torch.iinfo(k.dtype).max for _, _, k in sets]
+            sizes = torch.stack([(st["idx"] != s).sum() for (_, st, _), s in zip(sets, sent)]).tolist()  # one sync
             self.size_reads += 1
-            for (p, st, key), n, s in zip(check, sizes, sent):
+            ahead = max(1, self.slack_steps // 2)
+            for (p, st, key), n, s in zip(sets, sizes, sent):
                 st["bound"] = n
                 cap = st["idx"].numel()
-                if n + key.numel() > cap:
+                if n + ahead * key.numel() > cap:
                     grow = min(p.numel(), n + self.slack_steps * key.numel()) - cap
                     st["idx"] = torch.cat([st["idx"], st["idx"].new_full((grow,), s)])
                     for name in ("m", "v", "t"):
