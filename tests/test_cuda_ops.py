@@ -242,17 +242,20 @@ def test_fused_lazy_adam_on_cuda_matches_the_reference():
             torch.testing.assert_close(x.cpu(), z, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_adam_entries_kernel_on_cuda(dtype):
-    """The element-wise lazy-Adam kernel on the GPU against its pure-PyTorch reference on the CPU."""
+@pytest.mark.parametrize("dtype,step_dtype", [(torch.float32, torch.int32), (torch.bfloat16, torch.int32),
+                                              (torch.float32, torch.int16)])
+def test_adam_entries_kernel_on_cuda(dtype, step_dtype):
+    """The element-wise lazy-Adam kernel on the GPU against its pure-PyTorch reference on the CPU, 16-bit step
+    counts at their cap included (they stay there)."""
     from scalerec.ops.sparse_grad import sparsegrad_adam_entries_, sparsegrad_adam_entries_reference
 
     g = torch.Generator().manual_seed(10)
     S, k = 4000, 700
     m = (torch.randn(S, generator=g) * 0.1).to(dtype)
     v = (torch.rand(S, generator=g) * 0.01).to(dtype)
-    t = torch.randint(0, 20000, (S,), generator=g, dtype=torch.int32)
+    t = torch.randint(0, 20000, (S,), generator=g, dtype=step_dtype)
     t[:500] = 0
+    t[500:600] = torch.iinfo(step_dtype).max
     pos = torch.randperm(S, generator=g)[:k]
     vals = torch.randn(k, generator=g).to(dtype)
     a = [x.clone().to(DEV) for x in (m, v, t)]
@@ -260,18 +263,20 @@ def test_adam_entries_kernel_on_cuda(dtype):
     d = sparsegrad_adam_entries_(*a, pos.to(DEV), vals.to(DEV), 1e-3, 0.9, 0.999, 1e-8)
     e = sparsegrad_adam_entries_reference(*b, pos, vals, 1e-3, 0.9, 0.999, 1e-8)
     tol = dict(rtol=1e-5, atol=1e-8) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)
-    assert torch.equal(a[2].cpu(), b[2])
+    assert a[2].dtype == step_dtype and torch.equal(a[2].cpu(), b[2])
+    assert bool((a[2][500:600] == torch.iinfo(step_dtype).max).all())
     for x, y in zip((d, a[0], a[1]), (e, b[0], b[1])):
         torch.testing.assert_close(x.cpu(), y, **tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_compact_merge_on_cuda_matches_cpu(dtype):
+@pytest.mark.parametrize("dtype,step_dtype", [(torch.int32, torch.int32), (torch.int64, torch.int32),
+                                              (torch.int32, torch.int16)])
+def test_compact_merge_on_cuda_matches_cpu(dtype, step_dtype):
     """The sync-free CUDA merge of new entries into a compact lazy-Adam state equals the CPU kernel (and so its
     reference) on random sets: empty, partly full, keys all known, all new, and a merge that fills the buffer."""
     from scalerec.ops.sparse_grad import sparsegrad_compact_merge
 
-    for case in _compact_merge_cases(dtype):
+    for case in _compact_merge_cases(dtype, step_dtype):
         cpu = sparsegrad_compact_merge(*case)
         gpu = sparsegrad_compact_merge(*[x.to(DEV) for x in case])
         for a, b in zip(cpu, gpu):

@@ -126,8 +126,9 @@ def test_lazy_adam_op_matches_reference(dtype):
     torch.testing.assert_close(c[0][2].view(-1), want, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_adam_entries_kernel_matches_reference(dtype):
+@pytest.mark.parametrize("dtype,step_dtype", [(torch.float64, torch.int32), (torch.float32, torch.int32),
+                                              (torch.bfloat16, torch.int32), (torch.float32, torch.int16)])
+def test_adam_entries_kernel_matches_reference(dtype, step_dtype):
     """The element-wise lazy-Adam kernel (the arithmetic its CUDA twin shares) against its pure-PyTorch reference,
     including step counts far along (bias corrections near 1) and entries seen for the first time (t = 0)."""
     from scalerec.ops.sparse_grad import sparsegrad_adam_entries_, sparsegrad_adam_entries_reference
@@ -136,7 +137,7 @@ def test_adam_entries_kernel_matches_reference(dtype):
     S, k = 500, 64
     m = (torch.randn(S, generator=g, dtype=torch.float64) * 0.1).to(dtype)
     v = (torch.rand(S, generator=g, dtype=torch.float64) * 0.01).to(dtype)
-    t = torch.randint(0, 20000, (S,), generator=g, dtype=torch.int32)
+    t = torch.randint(0, 20000, (S,), generator=g, dtype=step_dtype)
     t[:100] = 0
     pos = torch.randperm(S, generator=g)[:k]
     vals = torch.randn(k, generator=g, dtype=torch.float64).to(dtype)
@@ -145,7 +146,7 @@ def test_adam_entries_kernel_matches_reference(dtype):
     e = sparsegrad_adam_entries_reference(*b, pos, vals, 1e-3, 0.9, 0.999, 1e-8)
     tol = {torch.float64: dict(rtol=1e-13, atol=1e-15), torch.float32: dict(rtol=1e-5, atol=1e-8),
            torch.bfloat16: dict(rtol=8e-3, atol=1e-6)}[dtype]
-    assert d.dtype == dtype and torch.equal(a[2], b[2])
+    assert d.dtype == dtype and a[2].dtype == step_dtype and torch.equal(a[2], b[2])
     torch.testing.assert_close(d, e, **tol)
     torch.testing.assert_close(a[0], b[0], **tol)
     torch.testing.assert_close(a[1], b[1], **tol)
@@ -156,10 +157,44 @@ def test_adam_entries_kernel_matches_reference(dtype):
     with pytest.raises(RuntimeError, match=r"positions must be in \[0, 500\)"):
         sparsegrad_adam_entries_(*[x.clone() for x in (m, v, t)], torch.tensor([3, 500]), vals[:2], 1e-3, 0.9, 0.999,
                                  1e-8)
-    with pytest.raises(RuntimeError, match="steps must be int32"):
+    with pytest.raises(RuntimeError, match="steps must be int32 or int16"):
         sparsegrad_adam_entries_(m.clone(), v.clone(), t.long(), pos, vals, 1e-3, 0.9, 0.999, 1e-8)
     torch.library.opcheck(torch.ops.scalerec.sparsegrad_adam_entries_.default,
                           (m.clone(), v.clone(), t.clone(), pos, vals, 1e-3, 0.9, 0.999, 1e-8))
+
+
+def test_step_count_dtype_is_int16_only_where_saturating_is_exact():
+    """16-bit step counts stop at 32767. Where step_count_dtype allows them (Adam's betas, float32 moments), an entry
+    at the cap updates bit for bit as with its true, larger int32 count, in the kernel and in the reference; for
+    beta2 = 0.9999 the same cap would change the update, and step_count_dtype keeps int32 there."""
+    from scalerec.ops.sparse_grad import (sparsegrad_adam_entries_, sparsegrad_adam_entries_reference,
+                                          step_count_dtype)
+
+    assert step_count_dtype(0.9, 0.999) == torch.int16
+    assert step_count_dtype(0.9, 0.999, torch.bfloat16) == torch.int16
+    assert step_count_dtype(0.9, 0.9999) == torch.int32
+    assert step_count_dtype(0.9, 0.999, torch.float64) == torch.int32  # 0.999^32767 ~ 6e-15: not 1 in float64
+    assert step_count_dtype(0.9, 0.99, torch.float64) == torch.int16
+    g = torch.Generator().manual_seed(3)
+    S = 64
+    m = torch.randn(S, generator=g) * 0.1
+    v = torch.rand(S, generator=g) * 0.01
+    pos = torch.arange(0, S, 2)
+    vals = torch.randn(pos.numel(), generator=g)
+    top = torch.iinfo(torch.int16).max
+    for fn in (sparsegrad_adam_entries_, sparsegrad_adam_entries_reference):
+        for b2, same in ((0.999, True), (0.9999, False)):
+            capped = [m.clone(), v.clone(), torch.full((S,), top, dtype=torch.int16)]
+            true = [m.clone(), v.clone(), torch.full((S,), 50_000, dtype=torch.int32)]
+            d16 = fn(*capped, pos, vals, 1e-3, 0.9, b2, 1e-8)
+            d32 = fn(*true, pos, vals, 1e-3, 0.9, b2, 1e-8)
+            assert bool((capped[2] == top).all()) and bool((true[2][pos] == 50_001).all())  # the cap holds
+            assert torch.equal(capped[0], true[0]) and torch.equal(capped[1], true[1])
+            assert torch.equal(d16, d32) == same, (fn.__name__, b2)
+    # below the cap, int16 counts count like int32 ones
+    a = [m.clone(), v.clone(), torch.full((S,), top - 1, dtype=torch.int16)]
+    sparsegrad_adam_entries_(*a, pos, vals, 1e-3, 0.9, 0.999, 1e-8)
+    assert bool((a[2][pos] == top).all()) and bool((a[2][1::2] == top - 1).all())
 
 
 def test_lazy_adam_op_checks_its_lists():
@@ -285,53 +320,55 @@ def test_topk_grad_large_matrix_selection(case):
     assert torch.equal(val, G.flatten()[want])
 
 
-def _compact_state(known, capacity, dtype, seed=0):
+def _compact_state(known, capacity, dtype, seed=0, step_dtype=torch.int32):
     """A compact lazy-Adam state of the given capacity holding the sorted ids ``known`` (random moments and step
     counts), sentinels and zero state after them."""
     g = torch.Generator().manual_seed(seed)
     n = len(known)
     idx = torch.full((capacity,), torch.iinfo(dtype).max, dtype=dtype)
     idx[:n] = torch.tensor(sorted(known), dtype=dtype)
-    m, v, t = torch.zeros(capacity), torch.zeros(capacity), torch.zeros(capacity, dtype=torch.int32)
+    m, v, t = torch.zeros(capacity), torch.zeros(capacity), torch.zeros(capacity, dtype=step_dtype)
     m[:n], v[:n] = torch.randn(n, generator=g), torch.rand(n, generator=g)
-    t[:n] = torch.randint(1, 50, (n,), generator=g, dtype=torch.int32)
+    t[:n] = torch.randint(1, 50, (n,), generator=g, dtype=step_dtype)
     return idx, m, v, t
 
 
-def _compact_merge_cases(dtype):
+def _compact_merge_cases(dtype, step_dtype=torch.int32):
     """(idx, m, v, t, keys) cases: empty set, partly full, all keys known, all new, one that fills the buffer exactly,
     keys below / between / above the known ids, no keys, and random ones."""
     k = lambda *ids: torch.tensor(ids, dtype=dtype)  # noqa: E731
+    st = lambda known, cap, seed=0: _compact_state(known, cap, dtype, seed, step_dtype)  # noqa: E731
     cases = [
-        (*_compact_state([], 5, dtype), k(3, 9, 40)),
-        (*_compact_state([4, 8, 30], 8, dtype), k(0, 8, 9, 31)),
-        (*_compact_state([4, 8, 30], 4, dtype), k(4, 8, 30)),
-        (*_compact_state([4, 8, 30], 6, dtype), k(1, 5, 31)),           # fills the buffer exactly
-        (*_compact_state([10, 20], 6, dtype), k(0, 1, 2, 3)),
-        (*_compact_state([10, 20], 3, dtype), k()),
+        (*st([], 5), k(3, 9, 40)),
+        (*st([4, 8, 30], 8), k(0, 8, 9, 31)),
+        (*st([4, 8, 30], 4), k(4, 8, 30)),
+        (*st([4, 8, 30], 6), k(1, 5, 31)),           # fills the buffer exactly
+        (*st([10, 20], 6), k(0, 1, 2, 3)),
+        (*st([10, 20], 3), k()),
     ]
     g = torch.Generator().manual_seed(1)
     for r in range(20):
         n_ids = 300
         known = torch.randperm(n_ids, generator=g)[:int(torch.randint(0, 60, (1,), generator=g))].tolist()
         keys = torch.randperm(n_ids, generator=g)[:int(torch.randint(0, 50, (1,), generator=g))].sort().values
-        cases.append((*_compact_state(known, len(known) + 50, dtype, seed=r), keys.to(dtype)))
+        cases.append((*st(known, len(known) + 50, seed=r), keys.to(dtype)))
     return cases
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_compact_merge_matches_reference(dtype):
+@pytest.mark.parametrize("dtype,step_dtype", [(torch.int32, torch.int32), (torch.int64, torch.int32),
+                                              (torch.int32, torch.int16)])
+def test_compact_merge_matches_reference(dtype, step_dtype):
     """The C++ merge of a step's selection into a compact lazy-Adam state equals its sort-based reference, keeps
     the set sorted with sentinels after it, carries each known entry's state, zeroes the new ones' and returns each
     key's place."""
     sent = torch.iinfo(dtype).max
-    for idx, m, v, t, keys in _compact_merge_cases(dtype):
+    for idx, m, v, t, keys in _compact_merge_cases(dtype, step_dtype):
         out = sparsegrad_compact_merge(idx, m, v, t, keys)
         ref = sparsegrad_compact_merge_reference(idx, m, v, t, keys)
         for a, b in zip(out, ref):
             assert torch.equal(a, b)
         idx2, m2, v2, t2, pos = out
-        assert pos.dtype == torch.long and torch.equal(idx2[pos], keys)
+        assert pos.dtype == torch.long and t2.dtype == step_dtype and torch.equal(idx2[pos], keys)
         known = set(idx[idx != sent].tolist())
         union = sorted(known | set(keys.tolist()))
         assert idx2[:len(union)].tolist() == union and bool((idx2[len(union):] == sent).all())

@@ -183,7 +183,8 @@ def test_exactly_k_entries_change_per_step(method):
 
 
 def test_dense_and_compact_adam_state_give_identical_updates():
-    """The two layouts of the lazy-Adam moments (the GPU's default and the CPU's) update bit for bit alike."""
+    """The two layouts of the lazy-Adam moments (compact, the default, and dense) update bit for bit alike; both keep
+    16-bit step counts for Adam's betas (exact: see step_count_dtype) and 32-bit ones for beta2 = 0.9999."""
     models = {lay: sparsegrad_bert(density=0.1) for lay in ("compact", "dense")}
     opts = {lay: SparseGradOptimizer(m, lr=1e-2, state_layout=lay) for lay, m in models.items()}
     for b in itertools.islice(bert_batches(seed=5), 6):  # the selected entries move, so the compact set grows
@@ -203,6 +204,12 @@ def test_dense_and_compact_adam_state_give_identical_updates():
         assert torch.equal(sc["m"][ids], sa["m"][:n_set]) and torch.equal(sc["t"][ids], sa["t"][:n_set])
         assert int(sc["t"].count_nonzero()) == n_set and int(sa["t"][:n_set].count_nonzero()) == n_set
         assert not sa["m"][n_set:].any() and not sa["t"][n_set:].any()  # spare room holds no state
+        assert sa["t"].dtype == sc["t"].dtype == torch.int16
+    slow = sparsegrad_bert(density=0.1)
+    opt = SparseGradOptimizer(slow, lr=1e-2, betas=(0.9, 0.9999))
+    slow(**next(bert_batches(seed=5))).loss.backward()
+    opt.step()
+    assert all(opt.state[a.weight]["t"].dtype == torch.int32 for _, a in sparse_layers(slow))
     with pytest.raises(ValueError, match="state_layout must be one of"):
         SparseGradOptimizer(models["dense"], state_layout="sparse")
     # a state saved with one layout is refused by an optimizer of the other, with the reason
@@ -237,24 +244,26 @@ def test_compact_state_room_is_checked_rarely_and_grows_exactly():
             assert torch.equal(a.weight, c.weight), (name, n)
             st = runs[name][1].state[a.weight]
             assert st["idx"].numel() >= int(st["t"].count_nonzero()) > 2 * a.k
-    # an old-format state: the sets cut to their entries, no "bound"; the next steps equal the dense layout's
+    # an old-format state: the sets cut to their entries, no "bound", int32 step counts; the next steps equal the
+    # dense layout's
     model, opt = runs["slack4"]
     saved = opt.state_dict()
     for i, st in enumerate(s for s in saved["state"].values() if "idx" in s):
         if i == 0:  # one set with its room, its ids (and sentinels) saved as int64
-            st["idx"] = st["idx"].long().masked_fill(st["idx"] == torch.iinfo(torch.int32).max, torch.iinfo(torch.int64).max)
+            st["idx"] = st["idx"].long().masked_fill(st["idx"] == torch.iinfo(torch.int32).max,
+                                                     torch.iinfo(torch.int64).max)
             continue
         n = int(st["t"].count_nonzero())
-        st.update(idx=st["idx"][:n].clone(), m=st["m"][:n].clone(), v=st["v"][:n].clone(), t=st["t"][:n].clone())
+        st.update(idx=st["idx"][:n].clone(), m=st["m"][:n].clone(), v=st["v"][:n].clone(), t=st["t"][:n].int())
         del st["bound"]
     old = SparseGradOptimizer(model, lr=1e-2, state_layout="compact")
     old.load_state_dict(saved)
     dense_model, dense_opt = runs["dense"]
-    # the dense layout resumes from its state_dict too, its integer step counts kept int32 (not cast to float)
+    # the dense layout resumes from its state_dict too, its integer step counts kept int16 (not cast to float)
     resumed = SparseGradOptimizer(dense_model, lr=1e-2, state_layout="dense")
     resumed.load_state_dict(dense_opt.state_dict())
     dense_opt = resumed
-    assert all(st["t"].dtype == torch.int32 for st in resumed.state.values() if "t" in st)
+    assert all(st["t"].dtype == torch.int16 for st in resumed.state.values() if "t" in st)
     for b in itertools.islice(bert_batches(seed=12), 2):
         for m, o in ((model, old), (dense_model, dense_opt)):
             m(**b).loss.backward()
@@ -263,6 +272,7 @@ def test_compact_state_room_is_checked_rarely_and_grows_exactly():
     for (n, a), (_, c) in zip(sparse_layers(model), sparse_layers(dense_model)):
         assert torch.equal(a.weight, c.weight), n
     assert all(st["idx"].dtype == torch.int32 for st in old.state.values() if "idx" in st)  # back to int32 ids
+    assert all(st["t"].dtype == torch.int16 for st in old.state.values() if "t" in st)  # narrowed step counts
     with pytest.raises(ValueError, match="slack_steps must be an int >= 1"):
         SparseGradOptimizer(model, slack_steps=0)
 

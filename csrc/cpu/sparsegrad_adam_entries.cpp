@@ -1,4 +1,5 @@
-// sparsegrad_adam_entries_(exp_avg [S], exp_avg_sq [S], steps [S] int32, positions [k] int64, values [k]) -> delta [k]
+// sparsegrad_adam_entries_(exp_avg [S], exp_avg_sq [S], steps [S] int32/int16, positions [k] int64, values [k])
+//     -> delta [k]
 //   The element-wise part of SparseGrad's lazy-Adam step for one weight, in one pass: at each selected entry's
 //   place `positions[j]` in the flat state, the moments and the per-entry step count are updated in place from the
 //   gradient `values[j]`, and the entry's change `delta[j]` is returned (csrc/sparsegrad_adam_entry.h has the
@@ -21,7 +22,8 @@ void check_adam_entries(const at::Tensor& m, const at::Tensor& v, const at::Tens
               "sparsegrad_adam_entries_: exp_avg, exp_avg_sq and steps must be flat, of one length");
   TORCH_CHECK(m.is_contiguous() && v.is_contiguous() && t.is_contiguous(),
               "sparsegrad_adam_entries_: the state tensors must be contiguous");
-  TORCH_CHECK(t.scalar_type() == at::kInt, "sparsegrad_adam_entries_: steps must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kShort,
+              "sparsegrad_adam_entries_: steps must be int32 or int16, got ", t.scalar_type());
   TORCH_CHECK(pos.dim() == 1 && g.dim() == 1 && pos.numel() == g.numel(),
               "sparsegrad_adam_entries_: positions and values must be 1-D of one length");
   TORCH_CHECK(m.scalar_type() == v.scalar_type() && m.scalar_type() == g.scalar_type(),
@@ -47,14 +49,16 @@ at::Tensor sparsegrad_adam_entries_cpu(const at::Tensor& m, const at::Tensor& v,
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* mp = m.data_ptr<scalar_t>();
     scalar_t* vp = v.data_ptr<scalar_t>();
-    int32_t* tp = t.data_ptr<int32_t>();
     const int64_t* pp = pos.data_ptr<int64_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* dp = delta.data_ptr<scalar_t>();
-    at::parallel_for(0, k, 4096, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) {
-        dp[j] = lazy_adam_at<scalar_t, acc_t>(mp, vp, tp, pp[j], gp[j], lr, beta1, beta2, eps);
-      }
+    SCALEREC_DISPATCH_STEP_TYPE(t.scalar_type(), [&] {
+      step_t* tp = t.data_ptr<step_t>();
+      at::parallel_for(0, k, 4096, [&](int64_t b, int64_t e) {
+        for (int64_t j = b; j < e; ++j) {
+          dp[j] = lazy_adam_at<scalar_t, acc_t, step_t>(mp, vp, tp, pp[j], gp[j], lr, beta1, beta2, eps);
+        }
+      });
     });
   });
   return delta;

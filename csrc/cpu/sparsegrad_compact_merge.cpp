@@ -1,4 +1,4 @@
-// sparsegrad_compact_merge(idx [C], exp_avg [C], exp_avg_sq [C], steps [C] int32, keys [k])
+// sparsegrad_compact_merge(idx [C], exp_avg [C], exp_avg_sq [C], steps [C] int32 or int16, keys [k])
 //     -> (idx' [C], exp_avg' [C], exp_avg_sq' [C], steps' [C], positions [k] int64)
 //   The compact lazy-Adam state of one SparseGrad weight keeps its moments for the entries selected so far only:
 //   `idx` holds their flat ids sorted ascending in a buffer of fixed capacity C, padded at the end with the
@@ -15,6 +15,8 @@
 #include <torch/torch.h>
 
 #include <limits>
+
+#include "../sparsegrad_adam_entry.h"
 #include <tuple>
 
 namespace scalerec {
@@ -30,7 +32,8 @@ void check_compact_merge(const at::Tensor& idx, const at::Tensor& m, const at::T
               "sparsegrad_compact_merge: idx must be int32 or int64, got ", idx.scalar_type());
   TORCH_CHECK(keys.scalar_type() == idx.scalar_type(), "sparsegrad_compact_merge: keys must have idx's dtype (",
               idx.scalar_type(), "), got ", keys.scalar_type());
-  TORCH_CHECK(t.scalar_type() == at::kInt, "sparsegrad_compact_merge: steps must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kShort,
+              "sparsegrad_compact_merge: steps must be int32 or int16, got ", t.scalar_type());
   TORCH_CHECK(m.scalar_type() == v.scalar_type(), "sparsegrad_compact_merge: exp_avg and exp_avg_sq must share a dtype");
   TORCH_CHECK(idx.device() == m.device() && idx.device() == v.device() && idx.device() == t.device() &&
                   idx.device() == keys.device(),
@@ -51,8 +54,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparsegra
     const index_t* ip = idx.data_ptr<index_t>();
     const index_t* kp = keys.data_ptr<index_t>();
     index_t* op = idx2.data_ptr<index_t>();
-    int32_t* tp = t.data_ptr<int32_t>();
-    int32_t* tq = t2.data_ptr<int32_t>();
     int64_t* pp = positions.data_ptr<int64_t>();
     for (int64_t j = 0; j < k; ++j) {
       TORCH_CHECK(kp[j] >= 0 && kp[j] < sent, "sparsegrad_compact_merge: keys must be in [0, ", sent, "), got ",
@@ -62,33 +63,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparsegra
                   " at ", j);
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "sparsegrad_compact_merge_cpu_m", [&] {
-      const scalar_t* mp = m.data_ptr<scalar_t>();
-      const scalar_t* vp = v.data_ptr<scalar_t>();
-      scalar_t* mq = m2.data_ptr<scalar_t>();
-      scalar_t* vq = v2.data_ptr<scalar_t>();
-      int64_t i = 0, j = 0, o = 0;
-      // the known entries are ip[0, count); the rest of the buffer is sentinels
-      while (i < C && ip[i] != sent) {
-        TORCH_CHECK(i == 0 || ip[i] > ip[i - 1], "sparsegrad_compact_merge: idx must be strictly ascending (then "
-                    "sentinels), got ", ip[i - 1], " then ", ip[i], " at ", i);
-        if (j < k && kp[j] < ip[i]) {  // a new entry
+      SCALEREC_DISPATCH_STEP_TYPE(t.scalar_type(), [&] {
+        const step_t* tp = t.data_ptr<step_t>();
+        step_t* tq = t2.data_ptr<step_t>();
+        const scalar_t* mp = m.data_ptr<scalar_t>();
+        const scalar_t* vp = v.data_ptr<scalar_t>();
+        scalar_t* mq = m2.data_ptr<scalar_t>();
+        scalar_t* vq = v2.data_ptr<scalar_t>();
+        int64_t i = 0, j = 0, o = 0;
+        // the known entries are ip[0, count); the rest of the buffer is sentinels
+        while (i < C && ip[i] != sent) {
+          TORCH_CHECK(i == 0 || ip[i] > ip[i - 1], "sparsegrad_compact_merge: idx must be strictly ascending (then "
+                      "sentinels), got ", ip[i - 1], " then ", ip[i], " at ", i);
+          if (j < k && kp[j] < ip[i]) {  // a new entry
+            TORCH_CHECK(o < C, "sparsegrad_compact_merge: the entry set is full (capacity ", C, "); make room first");
+            op[o] = kp[j]; mq[o] = scalar_t(0); vq[o] = scalar_t(0); tq[o] = 0; pp[j] = o; ++j; ++o;
+            continue;
+          }
           TORCH_CHECK(o < C, "sparsegrad_compact_merge: the entry set is full (capacity ", C, "); make room first");
-          op[o] = kp[j]; mq[o] = scalar_t(0); vq[o] = scalar_t(0); tq[o] = 0; pp[j] = o; ++j; ++o;
-          continue;
+          if (j < k && kp[j] == ip[i]) { pp[j] = o; ++j; }
+          op[o] = ip[i]; mq[o] = mp[i]; vq[o] = vp[i]; tq[o] = tp[i]; ++i; ++o;
         }
-        TORCH_CHECK(o < C, "sparsegrad_compact_merge: the entry set is full (capacity ", C, "); make room first");
-        if (j < k && kp[j] == ip[i]) { pp[j] = o; ++j; }
-        op[o] = ip[i]; mq[o] = mp[i]; vq[o] = vp[i]; tq[o] = tp[i]; ++i; ++o;
-      }
-      for (int64_t r = i; r < C; ++r)
-        TORCH_CHECK(ip[r] == sent, "sparsegrad_compact_merge: idx must hold sentinels only after its entries (at ", r,
-                    ": ", ip[r], ")");
-      for (; j < k; ++j, ++o) {  // new entries beyond the last known one
-        TORCH_CHECK(o < C, "sparsegrad_compact_merge: the entry set is full (capacity ", C, ", ", k - j,
-                    " more new entries); make room first");
-        op[o] = kp[j]; mq[o] = scalar_t(0); vq[o] = scalar_t(0); tq[o] = 0; pp[j] = o;
-      }
-      for (; o < C; ++o) { op[o] = sent; mq[o] = scalar_t(0); vq[o] = scalar_t(0); tq[o] = 0; }
+        for (int64_t r = i; r < C; ++r)
+          TORCH_CHECK(ip[r] == sent, "sparsegrad_compact_merge: idx must hold sentinels only after its entries (at ", r,
+                      ": ", ip[r], ")");
+        for (; j < k; ++j, ++o) {  // new entries beyond the last known one
+          TORCH_CHECK(o < C, "sparsegrad_compact_merge: the entry set is full (capacity ", C, ", ", k - j,
+                      " more new entries); make room first");
+          op[o] = kp[j]; mq[o] = scalar_t(0); vq[o] = scalar_t(0); tq[o] = 0; pp[j] = o;
+        }
+        for (; o < C; ++o) { op[o] = sent; mq[o] = scalar_t(0); vq[o] = scalar_t(0); tq[o] = 0; }
+      });
     });
   });
   return {idx2, m2, v2, t2, positions};

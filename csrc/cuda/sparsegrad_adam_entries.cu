@@ -18,8 +18,8 @@ void check_adam_entries(const at::Tensor& m, const at::Tensor& v, const at::Tens
 
 namespace {
 
-template <typename scalar_t>
-__global__ void adam_entries_kernel(scalar_t* __restrict__ m, scalar_t* __restrict__ v, int32_t* __restrict__ t,
+template <typename scalar_t, typename step_t>
+__global__ void adam_entries_kernel(scalar_t* __restrict__ m, scalar_t* __restrict__ v, step_t* __restrict__ t,
                                     const int64_t* __restrict__ pos, const scalar_t* __restrict__ g,
                                     scalar_t* __restrict__ delta, int64_t k, int64_t S, double lr, double beta1,
                                     double beta2, double eps) {
@@ -28,7 +28,7 @@ __global__ void adam_entries_kernel(scalar_t* __restrict__ m, scalar_t* __restri
   if (j >= k) return;
   const int64_t p = pos[j];
   CUDA_KERNEL_ASSERT(p >= 0 && p < S);
-  delta[j] = lazy_adam_at<scalar_t, acc_t>(m, v, t, p, g[j], lr, beta1, beta2, eps);
+  delta[j] = lazy_adam_at<scalar_t, acc_t, step_t>(m, v, t, p, g[j], lr, beta1, beta2, eps);
 }
 
 }  // namespace
@@ -47,9 +47,11 @@ at::Tensor sparsegrad_adam_entries_cuda(const at::Tensor& m, const at::Tensor& v
   const int64_t blocks = (k + threads - 1) / threads;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "sparsegrad_adam_entries_cuda", [&] {
-    adam_entries_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        m.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), t.data_ptr<int32_t>(), pos.data_ptr<int64_t>(),
-        g.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), k, m.numel(), lr, beta1, beta2, eps);
+    SCALEREC_DISPATCH_STEP_TYPE(t.scalar_type(), [&] {
+      adam_entries_kernel<scalar_t, step_t><<<blocks, threads, 0, stream>>>(
+          m.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), t.data_ptr<step_t>(), pos.data_ptr<int64_t>(),
+          g.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), k, m.numel(), lr, beta1, beta2, eps);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return delta;

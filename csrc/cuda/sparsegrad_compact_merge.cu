@@ -16,6 +16,8 @@
 #include <limits>
 #include <tuple>
 
+#include "../sparsegrad_adam_entry.h"
+
 namespace scalerec {
 
 void check_compact_merge(const at::Tensor& idx, const at::Tensor& m, const at::Tensor& v, const at::Tensor& t,
@@ -44,13 +46,13 @@ __global__ void find_keys_kernel(const index_t* __restrict__ idx, int64_t C, con
   fresh[j] = (p < C && idx[p] == key) ? 0 : 1;
 }
 
-template <typename index_t, typename scalar_t>
+template <typename index_t, typename scalar_t, typename step_t>
 __global__ void merge_kernel(const index_t* __restrict__ idx, const scalar_t* __restrict__ m,
-                             const scalar_t* __restrict__ v, const int32_t* __restrict__ t, int64_t C,
+                             const scalar_t* __restrict__ v, const step_t* __restrict__ t, int64_t C,
                              const index_t* __restrict__ keys, const int64_t* __restrict__ lb,
                              const int64_t* __restrict__ fresh, const int64_t* __restrict__ before, int64_t k,
                              index_t* __restrict__ idx2, scalar_t* __restrict__ m2, scalar_t* __restrict__ v2,
-                             int32_t* __restrict__ t2, int64_t* __restrict__ positions, index_t sent) {
+                             step_t* __restrict__ t2, int64_t* __restrict__ positions, index_t sent) {
   const int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (s < C) {  // known entry (or sentinel) s
     const index_t x = idx[s];
@@ -94,12 +96,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparsegra
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor before = fresh.cumsum(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "sparsegrad_compact_merge_cuda_m", [&] {
-      merge_kernel<index_t, scalar_t><<<(C + k + threads - 1) / threads, threads, 0, stream>>>(
-          idx.data_ptr<index_t>(), m.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), t.data_ptr<int32_t>(), C,
-          keys.data_ptr<index_t>(), lb.data_ptr<int64_t>(), fresh.data_ptr<int64_t>(), before.data_ptr<int64_t>(), k,
-          idx2.data_ptr<index_t>(), m2.data_ptr<scalar_t>(), v2.data_ptr<scalar_t>(), t2.data_ptr<int32_t>(),
-          positions.data_ptr<int64_t>(), std::numeric_limits<index_t>::max());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      SCALEREC_DISPATCH_STEP_TYPE(t.scalar_type(), [&] {
+        merge_kernel<index_t, scalar_t, step_t><<<(C + k + threads - 1) / threads, threads, 0, stream>>>(
+            idx.data_ptr<index_t>(), m.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), t.data_ptr<step_t>(), C,
+            keys.data_ptr<index_t>(), lb.data_ptr<int64_t>(), fresh.data_ptr<int64_t>(), before.data_ptr<int64_t>(),
+            k, idx2.data_ptr<index_t>(), m2.data_ptr<scalar_t>(), v2.data_ptr<scalar_t>(), t2.data_ptr<step_t>(),
+            positions.data_ptr<int64_t>(), std::numeric_limits<index_t>::max());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return {idx2, m2, v2, t2, positions};

@@ -87,8 +87,9 @@ def sparsegrad_lazy_adam_(weights, exp_avg, exp_avg_sq, steps, positions, indice
 def sparsegrad_adam_entries_(exp_avg, exp_avg_sq, steps, positions, values, lr: float, beta1: float, beta2: float,
                              eps: float) -> torch.Tensor:
     """The element-wise part of the lazy-Adam step of one weight in one kernel: the flat state (``exp_avg``,
-    ``exp_avg_sq``, int32 per-entry ``steps``) is updated in place at the (distinct) ``positions`` from the
-    gradient ``values``; returns each entry's change ``-lr m^ / (sqrt(v^) + eps)``."""
+    ``exp_avg_sq``, int32 or int16 per-entry ``steps``, which stop at their dtype's maximum: see
+    :func:`step_count_dtype`) is updated in place at the (distinct) ``positions`` from the gradient ``values``;
+    returns each entry's change ``-lr m^ / (sqrt(v^) + eps)``."""
     return torch.ops.scalerec.sparsegrad_adam_entries_(exp_avg, exp_avg_sq, steps, positions, values, float(lr),
                                                        float(beta1), float(beta2), float(eps))
 
@@ -96,11 +97,34 @@ def sparsegrad_adam_entries_(exp_avg, exp_avg_sq, steps, positions, values, lr: 
 def sparsegrad_compact_merge(idx, exp_avg, exp_avg_sq, steps, keys):
     """Merge one step's selected entries ``keys`` (flat ids, strictly ascending) into a compact lazy-Adam state of
     fixed capacity ``C``: ``idx`` (the ids seen so far, ascending, then the sentinel ``iinfo(idx.dtype).max`` up to
-    ``C``), with the moments ``exp_avg``, ``exp_avg_sq`` and int32 step counts ``steps`` of each slot. New entries
+    ``C``), with the moments ``exp_avg``, ``exp_avg_sq`` and step counts ``steps`` (int32 or int16) of each slot. New
+    entries
     enter with zero state; returns the merged ``(idx, exp_avg, exp_avg_sq, steps)`` (new tensors, capacity ``C``)
     and each key's position in them (int64). The caller leaves room for the new entries (an error on the CPU, a
     device assert on CUDA otherwise). No host sync on a GPU: two kernels and a prefix sum."""
     return torch.ops.scalerec.sparsegrad_compact_merge(idx, exp_avg, exp_avg_sq, steps, keys)
+
+
+def step_count_dtype(beta1: float, beta2: float, dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """The narrowest exact dtype of lazy Adam's per-entry step counts for moments of ``dtype``: int16 when a
+    count that stops at 32767 gives the same bias corrections as the true count, else int32.
+
+    The kernels compute ``1 - beta^t`` in float64 and round it to the arithmetic type (float32 for float32, float16
+    and bfloat16 moments; float64 for float64). Once ``beta^32767`` is far below half an ulp of 1 in that type,
+    ``1 - beta^t`` rounds to exactly 1 for every ``t >= 32767``, so a saturated 16-bit count changes nothing (the
+    margin here is 4x). In float32 that holds for ``beta2 <= ~0.9994`` (Adam's 0.999: ``0.999^32767 ≈ 6e-15``);
+    ``beta2 = 0.9999`` keeps int32. Saves 2 of the compact state's 16 bytes per entry."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tiny = torch.finfo(acc).eps / 16  # half an ulp below 1 is eps / 4; 4x margin on top
+    top = torch.iinfo(torch.int16).max
+    if all(0.0 <= b < 1.0 and b ** top < tiny for b in (beta1, beta2)):
+        return torch.int16
+    return torch.int32
+
+
+def _saturating_increment(t: torch.Tensor) -> torch.Tensor:
+    top = torch.iinfo(t.dtype).max
+    return torch.where(t < top, t + 1, t)
 
 
 # --------------------------------------------------------------------------- references
@@ -130,7 +154,7 @@ def sparsegrad_adam_entries_reference(exp_avg, exp_avg_sq, steps, positions, val
     float32 and rounded once, and the bias corrections in float64."""
     acc = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
     g = values.to(acc)
-    t = steps[positions] + 1
+    t = _saturating_increment(steps[positions])
     m = exp_avg[positions].to(acc) * beta1 + (1 - beta1) * g
     v = exp_avg_sq[positions].to(acc) * beta2 + (1 - beta2) * g * g
     exp_avg[positions], exp_avg_sq[positions], steps[positions] = m.to(values.dtype), v.to(values.dtype), t
@@ -172,7 +196,7 @@ def sparsegrad_lazy_adam_reference(weights, exp_avg, exp_avg_sq, steps, position
         return
     ms = [m[p] for m, p in zip(exp_avg, positions)]
     vs = [v[p] for v, p in zip(exp_avg_sq, positions)]
-    ts = torch._foreach_add([t[p] for t, p in zip(steps, positions)], 1)
+    ts = [_saturating_increment(t[p]) for t, p in zip(steps, positions)]
     torch._foreach_mul_(ms, beta1)
     torch._foreach_add_(ms, list(values), alpha=1 - beta1)
     torch._foreach_mul_(vs, beta2)

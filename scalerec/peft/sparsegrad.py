@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from scalerec.ops.sparse_grad import (sparsegrad_compact_merge, sparsegrad_compact_merge_reference,
-                                      sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference)
+                                      sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference, step_count_dtype)
 from scalerec.peft.config import GRAD_DTYPES, MePropConfig, SparseGradConfig, find_targets
 from scalerec.peft.layers import SparseGradLinear
 
@@ -193,13 +193,14 @@ class SparseGradOptimizer(torch.optim.Optimizer):
 
     * ``"compact"`` (``"auto"``, the default): for the entries selected so far only, as a sorted set of entry ids
       in a buffer with room to spare (``scalerec::sparsegrad_compact_merge`` adds each step's new entries without a
-      host sync; 16 bytes per entry with int32 ids and step counts). The host keeps an upper bound of the set's size
-      (it grows by at most the k selected entries a step) and reads the exact sizes, for all weights in one
-      transfer, only when a bound leaves no room for the next step; then every set with room for fewer than
-      ``slack_steps // 2`` steps grows to hold ``slack_steps`` steps' worth of new entries. Memory follows the union of the selected entries (24 % of
-      MiniLM's MLP entries after 300 steps on SST-2), not the weight's size.
-    * ``"dense"``: moments and step counts as dense tensors of the weight's shape (12 bytes per weight entry; no
-      merging at all).
+      host sync; 14 bytes per entry with int32 ids and int16 step counts, see ``step_count_dtype``). The host keeps
+      an upper bound of the set's size (it grows by at most the k selected entries a step) and reads the exact
+      sizes, for all weights in one transfer, only when a bound leaves no room for the next step; then every set
+      with room for fewer than ``slack_steps // 2`` steps grows to hold ``slack_steps`` steps' worth of new
+      entries. Memory follows the union of the selected entries (24 % of MiniLM's MLP entries after 300 steps on
+      SST-2), not the weight's size.
+    * ``"dense"``: moments and step counts as dense tensors of the weight's shape (10 bytes per weight entry with
+      int16 step counts; no merging at all).
 
     Both layouts give the same updates bit for bit.
 
@@ -343,16 +344,20 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"SparseGradOptimizer: this optimizer keeps {'dense' if dense else 'compact'} "
                                  "moments, but the loaded state has the other layout; use the state_layout it was "
                                  "saved with")
+            tdt = step_count_dtype(b1, b2, val.dtype)
             if dense and "m" not in st:
                 st["m"], st["v"] = torch.zeros_like(p).view(-1), torch.zeros_like(p).view(-1)
-                st["t"] = torch.zeros(p.numel(), dtype=torch.int32, device=p.device)
-            items.append((p, st, idx, val))
+                st["t"] = torch.zeros(p.numel(), dtype=tdt, device=p.device)
+            if "t" in st and st["t"].dtype != tdt:  # a loaded state, or betas changed: narrowing is exact (see
+                st["t"] = st["t"].clamp(max=torch.iinfo(tdt).max).to(tdt)  # step_count_dtype), widening too
+            items.append((p, st, idx, val, tdt))
         if not items:
             return
         if self.state_layout == "dense":
             where = [it[2] for it in items]
         else:
             where = self._compact_positions(items)
+        items = [it[:4] for it in items]
         layers = [self._layers.get(id(it[0])) for it in items]
         rot = [m if m is not None and m.rotated else None for m in layers]
         step = sparsegrad_lazy_adam_ if self.fused else sparsegrad_lazy_adam_reference
@@ -372,7 +377,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
         next read is at least ``slack_steps // 2`` steps away), and every set with room for fewer steps than that
         grows to hold ``slack_steps`` steps' worth. int32 entry ids where the weight allows."""
         keys, sets = [], []
-        for p, st, idx, val in items:
+        for p, st, idx, val, tdt in items:
             key = idx.to(torch.int32) if p.numel() < 2**31 else idx
             keys.append(key)
             if "idx" not in st:
@@ -380,7 +385,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                 st["idx"] = torch.full((cap,), torch.iinfo(key.dtype).max, dtype=key.dtype, device=p.device)
                 st["m"] = torch.zeros(cap, dtype=val.dtype, device=p.device)
                 st["v"] = torch.zeros_like(st["m"])
-                st["t"] = torch.zeros(cap, dtype=torch.int32, device=p.device)  # per-entry step counts
+                st["t"] = torch.zeros(cap, dtype=tdt, device=p.device)  # per-entry step counts
                 st["bound"] = 0
             if st["idx"].dtype != key.dtype:  # a state saved with the other id width: its sentinels too
                 old = st["idx"]
@@ -402,7 +407,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                         st[name] = torch.cat([st[name], st[name].new_zeros(grow)])
         merge = sparsegrad_compact_merge if self.fused else sparsegrad_compact_merge_reference
         where = []
-        for (p, st, idx, val), key in zip(items, keys):
+        for (p, st, idx, val, _), key in zip(items, keys):
             st["idx"], st["m"], st["v"], st["t"], pos = merge(st["idx"], st["m"], st["v"], st["t"], key)
             st["bound"] = min(st["idx"].numel(), st.get("bound", st["idx"].numel()) + key.numel())
             where.append(pos)
