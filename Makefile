@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.scalerec-installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu) setup.py
-PYTEST_ARGS ?= -m "not llm_long"
+PYTEST_ARGS ?= -m "not llm_long" --durations=15
 
 .PHONY: all install ext test test-llm demo bench cuda-check clean
 
