@@ -67,7 +67,7 @@ def ray_head():
     yield url, env
     os.killpg(head.pid, signal.SIGTERM)  # the head's own process group only
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=10)  # `ray start --block` often outlives SIGTERM: a 30 s wait cost every run 30 s
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
