@@ -15,9 +15,9 @@
 #include <torch/torch.h>
 
 #include <limits>
+#include <tuple>
 
 #include "../sparsegrad_adam_entry.h"
-#include <tuple>
 
 namespace scalerec {
 
