@@ -14,6 +14,8 @@ entries of the gradient with respect to ``W~ = U_outᵀ W U_in``. Each op has a 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from scalerec.ops._lib import load_extension
@@ -97,14 +99,14 @@ def sparsegrad_adam_entries_(exp_avg, exp_avg_sq, steps, positions, values, lr: 
 def sparsegrad_compact_merge(idx, exp_avg, exp_avg_sq, steps, keys):
     """Merge one step's selected entries ``keys`` (flat ids, strictly ascending) into a compact lazy-Adam state of
     fixed capacity ``C``: ``idx`` (the ids seen so far, ascending, then the sentinel ``iinfo(idx.dtype).max`` up to
-    ``C``), with the moments ``exp_avg``, ``exp_avg_sq`` and step counts ``steps`` (int32 or int16) of each slot. New
-    entries
-    enter with zero state; returns the merged ``(idx, exp_avg, exp_avg_sq, steps)`` (new tensors, capacity ``C``)
+    ``C``), with the moments ``exp_avg``, ``exp_avg_sq`` and step counts ``steps`` (int32 or int16) of each slot.
+    New entries enter with zero state; returns the merged ``(idx, exp_avg, exp_avg_sq, steps)`` (new tensors, capacity ``C``)
     and each key's position in them (int64). The caller leaves room for the new entries (an error on the CPU, a
     device assert on CUDA otherwise). No host sync on a GPU: two kernels and a prefix sum."""
     return torch.ops.scalerec.sparsegrad_compact_merge(idx, exp_avg, exp_avg_sq, steps, keys)
 
 
+@functools.lru_cache(maxsize=64)  # called per weight and optimizer step (a host-bound path on a GPU)
 def step_count_dtype(beta1: float, beta2: float, dtype: torch.dtype = torch.float32) -> torch.dtype:
     """The narrowest exact dtype of lazy Adam's per-entry step counts for moments of ``dtype``: int16 when a
     count that stops at 32767 gives the same bias corrections as the true count, else int32.

@@ -333,7 +333,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
         """Lazy Adam on the selected entries of every rotated weight of the group: the entries and their places in
         the state (dense or compact layout) are found here; the state's gather, the Adam arithmetic, the write-back
         and the layers' dense-weight updates run in one ``sparsegrad_lazy_adam_`` call (or its reference)."""
-        items = []
+        items, step_dtypes = [], []
         for p in params:
             idx, val = self._selection(p)
             if idx.numel() == 0:
@@ -350,14 +350,14 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                 st["t"] = torch.zeros(p.numel(), dtype=tdt, device=p.device)
             if "t" in st and st["t"].dtype != tdt:  # a loaded state, or betas changed: narrowing is exact (see
                 st["t"] = st["t"].clamp(max=torch.iinfo(tdt).max).to(tdt)  # step_count_dtype), widening too
-            items.append((p, st, idx, val, tdt))
+            items.append((p, st, idx, val))
+            step_dtypes.append(tdt)
         if not items:
             return
         if self.state_layout == "dense":
             where = [it[2] for it in items]
         else:
-            where = self._compact_positions(items)
-        items = [it[:4] for it in items]
+            where = self._compact_positions(items, step_dtypes)
         layers = [self._layers.get(id(it[0])) for it in items]
         rot = [m if m is not None and m.rotated else None for m in layers]
         step = sparsegrad_lazy_adam_ if self.fused else sparsegrad_lazy_adam_reference
@@ -369,7 +369,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
             if m is not None:
                 m.accept_weight_change()
 
-    def _compact_positions(self, items) -> list[torch.Tensor]:
+    def _compact_positions(self, items, step_dtypes) -> list[torch.Tensor]:
         """Merge each weight's selected entries into its compact entry set (new ones with zero moments) and return
         their places in it. Room first: a weight's set grows by at most its k selected entries a step, and
         ``st["bound"]`` (host) is an upper bound of its size. Only when some bound leaves no room for this step's
@@ -377,7 +377,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
         next read is at least ``slack_steps // 2`` steps away), and every set with room for fewer steps than that
         grows to hold ``slack_steps`` steps' worth. int32 entry ids where the weight allows."""
         keys, sets = [], []
-        for p, st, idx, val, tdt in items:
+        for (p, st, idx, val), tdt in zip(items, step_dtypes):
             key = idx.to(torch.int32) if p.numel() < 2**31 else idx
             keys.append(key)
             if "idx" not in st:
@@ -407,7 +407,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                         st[name] = torch.cat([st[name], st[name].new_zeros(grow)])
         merge = sparsegrad_compact_merge if self.fused else sparsegrad_compact_merge_reference
         where = []
-        for (p, st, idx, val, _), key in zip(items, keys):
+        for (p, st, idx, val), key in zip(items, keys):
             st["idx"], st["m"], st["v"], st["t"], pos = merge(st["idx"], st["m"], st["v"], st["t"], key)
             st["bound"] = min(st["idx"].numel(), st.get("bound", st["idx"].numel()) + key.numel())
             where.append(pos)
