@@ -100,9 +100,9 @@ def sparsegrad_compact_merge(idx, exp_avg, exp_avg_sq, steps, keys):
     """Merge one step's selected entries ``keys`` (flat ids, strictly ascending) into a compact lazy-Adam state of
     fixed capacity ``C``: ``idx`` (the ids seen so far, ascending, then the sentinel ``iinfo(idx.dtype).max`` up to
     ``C``), with the moments ``exp_avg``, ``exp_avg_sq`` and step counts ``steps`` (int32 or int16) of each slot.
-    New entries enter with zero state; returns the merged ``(idx, exp_avg, exp_avg_sq, steps)`` (new tensors, capacity ``C``)
-    and each key's position in them (int64). The caller leaves room for the new entries (an error on the CPU, a
-    device assert on CUDA otherwise). No host sync on a GPU: two kernels and a prefix sum."""
+    New entries enter with zero state; returns the merged ``(idx, exp_avg, exp_avg_sq, steps)`` (new tensors,
+    capacity ``C``) and each key's position in them (int64). The caller leaves room for the new entries (an error on
+    the CPU, a device assert on CUDA otherwise). No host sync on a GPU: two kernels and a prefix sum."""
     return torch.ops.scalerec.sparsegrad_compact_merge(idx, exp_avg, exp_avg_sq, steps, keys)
 
 
