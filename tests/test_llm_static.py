@@ -123,3 +123,62 @@ def test_cuda_graph_replays_the_same_fit(mode):
     for a, b in zip(got, eager):
         assert abs(a.loss - b.loss) <= 1e-5 * abs(b.loss)
         torch.testing.assert_close(a.vectors, b.vectors, rtol=0, atol=5e-4)
+
+
+def test_token_margins_and_the_margin_loss():
+    from scalerec.llm.fit_step import text_losses, token_margins
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    tgt = torch.randint(0, 7, (2, 5), generator=g)
+    tgt[1, 3:] = -100  # padding
+    marg = token_margins(logits, tgt)
+    for b in range(2):
+        for i in range(5):
+            if tgt[b, i] == -100:
+                assert marg[b, i] == float("inf")
+                continue
+            own = logits[b, i, tgt[b, i]]
+            other = torch.cat([logits[b, i, :tgt[b, i]], logits[b, i, tgt[b, i] + 1:]]).max()
+            assert marg[b, i] == own - other
+            assert (marg[b, i] > 0) == (logits[b, i].argmax() == tgt[b, i])
+    tau = 0.3
+    loss, plain, acc = text_losses(logits, tgt, FitConfig(margin_tau=tau))
+    for b, n in ((0, 5), (1, 3)):
+        m = marg[b, :n]
+        torch.testing.assert_close(loss[b], tau * torch.logsumexp(-m / tau, 0))
+        # a soft maximum of the negated margins: between the worst one and it plus tau * log(n)
+        assert -m.min() <= loss[b] <= -m.min() + tau * torch.log(torch.tensor(float(n), dtype=torch.float64))
+    # it ranks the states by itself (not by CE); the accuracy is the CE loss's
+    ce_loss, ce_plain, ce_acc = text_losses(logits, tgt, FitConfig())
+    torch.testing.assert_close(plain, loss)
+    torch.testing.assert_close(acc, ce_acc)
+    assert acc[1] == (marg[1, :3] > 0).float().mean()
+    torch.testing.assert_close(ce_loss, ce_plain)
+    for bad in (-0.1, float("nan"), float("inf"), "0.2", True):
+        with pytest.raises(ValueError, match="margin_tau"):
+            FitConfig(margin_tau=bad)
+
+
+@pytest.mark.parametrize("mode", ["one-step", "ar"])
+def test_margin_loss_raises_the_smallest_margin_and_both_steps_agree(mode):
+    """The margin loss polishes a fit from its vectors (the use it is for): a few small steps raise the text's
+    smallest token margin, and the static step follows the eager one bit for bit with it too."""
+    from scalerec.llm.fit_step import fit_logits, token_margins
+    from scalerec.llm.inputs import n_sink
+
+    lm = tiny_lm()
+    toks = texts(12)
+    start = fit(lm, mode, toks, FitConfig(max_steps=30, lr=0.2, restart_patience=0, step_mode="eager"))
+    init = torch.stack([r.vectors for r in start])
+
+    def smallest_margin(vectors):
+        x = vectors.to(torch.float64).unsqueeze(0)
+        tgt = torch.tensor([toks[0]])
+        prev = None if mode == "one-step" else lm.embedding(tgt[:, :-1])
+        return float(token_margins(fit_logits(lm, x, mode, len(toks[0]), tok_prev=prev), tgt).min())
+
+    cfg = dict(max_steps=10, lr=0.01, restart_patience=0, margin_tau=0.1, target_accuracy=1.01)
+    ref = fit(lm, mode, toks, FitConfig(step_mode="eager", **cfg), init=init)
+    assert smallest_margin(ref[0].vectors) > smallest_margin(init[0]) + 1e-3
+    assert_same(fit(lm, mode, toks, FitConfig(step_mode="static", sync_every=3, **cfg), init=init), ref)

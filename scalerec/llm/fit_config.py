@@ -33,6 +33,9 @@ class FitConfig:
     target_accuracy: float = 1.0
     ce_floor: float = 0.0            # per-token loss max(CE - ce_floor, 0): tokens already predicted with
                                      # confidence stop pulling, the gradient goes to the ones still wrong
+    margin_tau: float = 0.0          # > 0: instead of CE, the soft max-min margin loss tau * logsumexp(-margin / tau)
+                                     # over the tokens (margin: target logit - best other logit): polishes a fit
+                                     # that is a token or two short, resumed at a small lr (docs/llm.md); 0: CE
     restart_patience: int | str | None = "auto"  # re-initialise a text whose best accuracy has not improved for
                                      # this many steps; "auto": restart_patience_for(n_tokens); None or 0: never
     grow_from: int | None = None     # curriculum: fit the text's first grow_from tokens, then 2x, 4x, ... and
@@ -53,6 +56,9 @@ class FitConfig:
         p = self.restart_patience
         if not (p is None or p == "auto" or (isinstance(p, int) and not isinstance(p, bool) and p >= 0)):
             raise ValueError(f"restart_patience must be 'auto', an int >= 0 or None (off), got {p!r}")
+        if not (isinstance(self.margin_tau, (int, float)) and not isinstance(self.margin_tau, bool)
+                and math.isfinite(self.margin_tau) and self.margin_tau >= 0):
+            raise ValueError(f"margin_tau must be a finite number >= 0 (0: the CE loss), got {self.margin_tau!r}")
         g = self.grow_from
         if not (g is None or (isinstance(g, int) and not isinstance(g, bool) and g >= 0)):
             raise ValueError(f"grow_from must be an int >= 1 (first stage's tokens), or None / 0 (off), got {g!r}")

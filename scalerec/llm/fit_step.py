@@ -25,18 +25,35 @@ def fit_logits(lm: LoadedLM, xin: torch.Tensor, mode: str, L: int, shared_m: tor
     return lm.model(inputs_embeds=inputs, use_cache=False).logits[:, off: off + L, :].float()
 
 
+def token_margins(logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """[B, L]: each position's target logit minus the largest other logit (> 0 where argmax decoding is right;
+    +inf at padding, ``tgt == -100``)."""
+    pad = tgt == -100
+    t = tgt.masked_fill(pad, 0).unsqueeze(-1)
+    own = logits.gather(-1, t).squeeze(-1)
+    other = logits.scatter(-1, t, float("-inf")).amax(-1)
+    return (own - other).masked_fill(pad, float("inf"))
+
+
 def text_losses(logits: torch.Tensor, tgt: torch.Tensor, cfg: FitConfig):
-    """Per text: (the loss to differentiate: mean of max(CE - ce_floor, 0) over its tokens; the plain mean CE; its
-    token accuracy). ``tgt`` [B, L] is right-padded with -100."""
+    """Per text: (the loss to differentiate; the loss that ranks its states and is reported; its token accuracy).
+    ``tgt`` [B, L] is right-padded with -100. The loss is the mean of ``max(CE - ce_floor, 0)`` over the text's
+    tokens, ranked by the plain mean CE; or with ``cfg.margin_tau > 0`` the soft minimum of its token margins,
+    negated: ``tau * logsumexp(-margin / tau)`` (:func:`token_margins`), whose gradient goes to the few smallest
+    margins (the wrong tokens and the right ones closest to flipping), ranked by itself: a polished state has
+    larger margins, not necessarily a lower CE."""
     B, L = tgt.shape
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none",
                          ignore_index=-100).view(B, L)
     mask = tgt != -100
     n_tok = mask.sum(1)
-    lossc_tok = ce if cfg.ce_floor <= 0 else torch.clamp(ce - cfg.ce_floor, min=0.0)
-    loss_per = (lossc_tok * mask).sum(1) / n_tok
+    if cfg.margin_tau > 0:
+        loss_per = cfg.margin_tau * torch.logsumexp(-token_margins(logits, tgt) / cfg.margin_tau, dim=1)
+    else:
+        lossc_tok = ce if cfg.ce_floor <= 0 else torch.clamp(ce - cfg.ce_floor, min=0.0)
+        loss_per = (lossc_tok * mask).sum(1) / n_tok
     with torch.no_grad():
-        plain = (ce * mask).sum(1) / n_tok
+        plain = loss_per.detach().clone() if cfg.margin_tau > 0 else (ce * mask).sum(1) / n_tok
         acc = ((logits.argmax(-1) == tgt) & mask).sum(1).float() / n_tok.float()
     return loss_per, plain, acc
 
