@@ -29,9 +29,10 @@ def token_margins(logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     """[B, L]: each position's target logit minus the largest other logit (> 0 where argmax decoding is right;
     +inf at padding, ``tgt == -100``)."""
     pad = tgt == -100
-    t = tgt.masked_fill(pad, 0).unsqueeze(-1)
-    own = logits.gather(-1, t).squeeze(-1)
-    other = logits.scatter(-1, t, float("-inf")).amax(-1)
+    t = tgt.masked_fill(pad, 0)
+    own = logits.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+    top2, at = logits.topk(2, dim=-1)  # the best other logit without a copy of the [B, L, vocab] logits
+    other = torch.where(at[..., 0] == t, top2[..., 1], top2[..., 0])
     return (own - other).masked_fill(pad, float("inf"))
 
 
