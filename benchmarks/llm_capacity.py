@@ -12,7 +12,6 @@ steps and seconds per text at each N. Ends with ONE JSON line of figures (also w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -87,7 +86,7 @@ def load_shared_m(path: str, numbers: list[int], max_len: int) -> torch.Tensor:
 def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, shared_m=None, log=print,
              on_length=None, warm: bool = False, vectors_out: dict | None = None, start: dict | None = None,
              resume: dict | None = None, labels: list | None = None, log_every: int = 0, save_every: int = 0,
-             on_save=None, polish=None) -> dict:
+             on_save=None) -> dict:
     """The ladder. ``warm``: each rung starts from the vectors of the rung below (the curriculum of
     ``FitConfig.grow_from`` with the ladder's lengths as its stages); its "steps"/"seconds" are then the rung's
     own and "steps_total"/"seconds_total" include the rungs below. ``vectors_out``: filled with {N: {passage index:
@@ -100,8 +99,7 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
     messages (passage numbers; default: their index). ``log_every``: a line every that many fitting steps (each
     text's best token accuracy so far, seconds a step); 0: none. ``save_every``: every that many steps, the rung's
     best vectors so far go into ``vectors_out`` and ``on_save()`` is called (a stopped run keeps them); 0: only at
-    the end of each rung. ``polish``: a FitConfig (``margin_tau`` > 0) for a second fit of each text that a rung's
-    fit left short, from its best vectors; the better of the two counts, and the steps and seconds add up."""
+    the end of each rung."""
     from scalerec.llm import decode, fit_ar, fit_one_step
 
     dmode = "ar" if mode == "ar" else "one-step"
@@ -126,8 +124,6 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
         prev = dict(resume)
     spent = {i: (0, 0.0) for i in range(len(texts))}
     clock = {"t": 0.0, "last": 0, "logged": 0, "saved": 0}
-    fitting: list = []  # the text indices of the fit in progress (the rung's texts, or the ones being polished)
-    current: dict = {}  # the rung's vectors so far, by text index
 
     def on_step(step, best_accuracy, active, seconds, best_vectors=None):
         # The eager fitter calls this every step, the static/graph one every sync_every steps, so a line is logged
@@ -142,8 +138,7 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
                 f"{int(active.sum())} texts active, {clock['t'] / (step - clock['logged']):.3f} s a step")
             clock.update(t=0.0, logged=step)
         if save_every and step - clock["saved"] >= save_every and vectors_out is not None and best_vectors is not None:
-            current.update({i: best_vectors[j].detach().float().cpu().clone() for j, i in enumerate(fitting)})
-            vectors_out[n] = dict(current)
+            vectors_out[n] = {i: best_vectors[j].detach().float().cpu().clone() for j, i in enumerate(alive)}
             clock["saved"] = step
             if on_save is not None:
                 on_save()
@@ -154,28 +149,10 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
         toks = [texts[i][:n] for i in alive]
         init = torch.stack([prev[i] for i in alive]) if prev else None
         t0 = time.perf_counter()
-
-        def run_fit(ids, toks_, config, init_):
-            fitting[:] = ids
-            if mode == "ar":
-                return fit_ar(lm, toks_, n_mem=1, config=config, init=init_, on_step=on_step)
-            return fit_one_step(lm, toks_, config, shared_m=shared_m, init=init_, on_step=on_step)
-
-        current.clear()
-        res = run_fit(alive, toks, cfg, init)
-        short = [j for j, r in enumerate(res) if r.accuracy < 1.0]
-        polished = [False] * len(res)
-        if polish is not None and short:
-            current.update({i: r.vectors for i, r in zip(alive, res)})
-            log(f"[{mode}] N={n}: polishing {len(short)} texts with the margin loss")
-            pres = run_fit([alive[j] for j in short], [toks[j] for j in short], polish,
-                           torch.stack([res[j].vectors for j in short]))
-            for j, pr in zip(short, pres):
-                r = res[j]
-                keep = pr if pr.accuracy > r.accuracy else r
-                polished[j] = keep is pr
-                res[j] = dataclasses.replace(keep, steps=r.steps + pr.steps, seconds=r.seconds + pr.seconds,
-                                             restarts=r.restarts)
+        if mode == "ar":
+            res = fit_ar(lm, toks, n_mem=1, config=cfg, init=init, on_step=on_step)
+        else:
+            res = fit_one_step(lm, toks, cfg, shared_m=shared_m, init=init, on_step=on_step)
         wall = time.perf_counter() - t0
         # the claim checked the way a user reads it back: decode (one forward pass / greedy generation) from the
         # fitted vectors alone and compare with the text
@@ -188,8 +165,6 @@ def capacity(lm, mode: str, lengths: list[int], texts: list[list[int]], cfg, sha
                       "accuracy": [round(r.accuracy, 4) for r in res], "steps": [r.steps for r in res],
                       "seconds": [round(r.seconds, 1) for r in res], "restarts": [r.restarts for r in res],
                       "wall_seconds": round(wall, 1)}
-        if polish is not None:
-            per_len[n]["polished"] = polished  # the margin-loss fit gave the text's result
         if warm:
             prev = rung
             for i, r in zip(alive, res):
@@ -385,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --vectors-out: also save each rung's best vectors so far every N fitting steps, so a "
                          "run stopped mid-rung keeps its progress (resume it with --resume); 0: at rung ends only")
     ap.add_argument("--polish-steps", type=int, default=0, metavar="K",
-                    help="after each rung, up to K steps of the margin loss (FitConfig.margin_tau) from the best "
-                         "vectors of every text the rung left short; 0: off")
+                    help="after each rung, up to K steps of the margin loss from the best vectors of every text "
+                         "the rung left short (FitConfig.polish_steps; the same as --fit polish_steps=K); 0: off")
     ap.add_argument("--polish-lr", type=float, default=1e-4, help="lr of the polishing fit (default 1e-4)")
     ap.add_argument("--polish-tau", type=float, default=0.25, help="its margin_tau (default 0.25)")
     ap.add_argument("--json-out", default=None)
@@ -467,12 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         figures[f"partial_{mode}"] = per_length
         save_partial()
 
-    cfg = FitConfig(**{"max_steps": args.max_steps, **fit_overrides})
-    polish = None
-    if args.polish_steps:  # the margin loss from a rung's best vectors, for the texts it left short (docs/llm.md)
-        polish = FitConfig(**{**cfg.to_dict(), "max_steps": args.polish_steps, "margin_tau": args.polish_tau,
-                              "lr": args.polish_lr, "warmup_steps": 0, "restart_patience": 0, "grow_from": None})
-        figures["polish"] = {"steps": args.polish_steps, "lr": args.polish_lr, "margin_tau": args.polish_tau}
+    polish = {"polish_steps": args.polish_steps, "polish_lr": args.polish_lr, "polish_tau": args.polish_tau}
+    cfg = FitConfig(**{"max_steps": args.max_steps, **(polish if args.polish_steps else {}), **fit_overrides})
     saved: dict = {}
     numbers = pids or list(range(args.first_passage, args.first_passage + args.passages))
     if "capacity" in sections:
@@ -522,8 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             figures[f"capacity_{mode}"] = capacity(
                 lm, "ar" if mode == "ar" else "one-step", lengths, texts, cfg, shared_m=shared, log=log,
                 on_length=on_length, warm=args.warm_ladder, vectors_out=vecs, start=start, resume=resume,
-                labels=numbers, log_every=args.log_every, save_every=args.save_every, on_save=save_vectors,
-                polish=polish)
+                labels=numbers, log_every=args.log_every, save_every=args.save_every, on_save=save_vectors)
             figures.pop(f"partial_{mode}", None)
             save_partial()  # (the vectors were saved after the last rung)
     if "entropy" in sections:  # cheap: one forward pass per passage

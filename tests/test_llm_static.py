@@ -6,6 +6,8 @@ fits started from given vectors and a shared ``m``. The CUDA graph replays the s
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -182,3 +184,39 @@ def test_margin_loss_raises_the_smallest_margin_and_both_steps_agree(mode):
     ref = fit(lm, mode, toks, FitConfig(step_mode="eager", **cfg), init=init)
     assert smallest_margin(ref[0].vectors) > smallest_margin(init[0]) + 1e-3
     assert_same(fit(lm, mode, toks, FitConfig(step_mode="static", sync_every=3, **cfg), init=init), ref)
+
+
+def test_polish_steps_polish_the_texts_left_short():
+    """FitConfig.polish_steps: after the fit, the texts it left short get the margin-loss fit of polish_config from
+    their best vectors (the same as running it by hand); the better result counts and the steps add up; on_step
+    sees the whole batch and progress counts every text once."""
+    from scalerec.llm.fitting import polish_config
+
+    lm = tiny_lm()
+    toks = texts(3, 8, 12)
+    base = FitConfig(max_steps=6, lr=0.2, restart_patience=0, step_mode="eager")
+    first = fit_one_step(lm, toks, base)
+    short = [j for j, r in enumerate(first) if r.accuracy < 1.0]
+    assert short  # the first fit leaves texts short
+    cfg = dataclasses.replace(base, polish_steps=40, polish_lr=0.01, polish_tau=0.2)
+    pcfg = polish_config(cfg)
+    assert (pcfg.margin_tau, pcfg.lr, pcfg.max_steps, pcfg.warmup_steps, pcfg.restart_patience, pcfg.polish_steps) == \
+        (0.2, 0.01, 40, 0, 0, 0)
+    by_hand = fit_one_step(lm, [toks[j] for j in short], pcfg, init=torch.stack([first[j].vectors for j in short]))
+    calls, done = [], []
+    got = fit_one_step(lm, toks, cfg, on_step=lambda **kw: calls.append(kw), progress=lambda **kw: done.append(kw))
+    assert sum(d["n_done"] for d in done) == 3
+    assert all(c["best_vectors"].shape[0] == 3 and c["best_accuracy"].shape == (3,) for c in calls)
+    assert len(calls) == max(r.steps for r in first) + max(r.steps for r in by_hand)
+    for j, r in enumerate(got):
+        if j not in short:
+            assert (r.accuracy, r.steps, r.loss) == (first[j].accuracy, first[j].steps, first[j].loss)
+            continue
+        h = by_hand[short.index(j)]
+        better = h if h.accuracy > first[j].accuracy else first[j]
+        assert (r.accuracy, r.loss, r.steps) == (better.accuracy, better.loss, first[j].steps + h.steps)
+        torch.testing.assert_close(r.vectors, better.vectors, rtol=0, atol=0)
+    assert any(by_hand[i].accuracy > first[j].accuracy for i, j in enumerate(short))  # the polish did something
+    for bad in (dict(polish_steps=-1), dict(polish_steps=2.0), dict(polish_lr=0), dict(polish_tau=float("nan"))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            FitConfig(**bad)

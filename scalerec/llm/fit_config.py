@@ -36,6 +36,11 @@ class FitConfig:
     margin_tau: float = 0.0          # > 0: instead of CE, the soft max-min margin loss tau * logsumexp(-margin / tau)
                                      # over the tokens (margin: target logit - best other logit): polishes a fit
                                      # that is a token or two short, resumed at a small lr (docs/llm.md); 0: CE
+    polish_steps: int = 0            # > 0: after the fit (each stage with grow_from), up to this many steps of the
+                                     # margin loss (polish_tau, polish_lr, no warm-up, no restarts) from the best
+                                     # vectors of every text left short of target_accuracy; the better result counts
+    polish_lr: float = 1e-4
+    polish_tau: float = 0.25
     restart_patience: int | str | None = "auto"  # re-initialise a text whose best accuracy has not improved for
                                      # this many steps; "auto": restart_patience_for(n_tokens); None or 0: never
     grow_from: int | None = None     # curriculum: fit the text's first grow_from tokens, then 2x, 4x, ... and
@@ -59,6 +64,12 @@ class FitConfig:
         if not (isinstance(self.margin_tau, (int, float)) and not isinstance(self.margin_tau, bool)
                 and math.isfinite(self.margin_tau) and self.margin_tau >= 0):
             raise ValueError(f"margin_tau must be a finite number >= 0 (0: the CE loss), got {self.margin_tau!r}")
+        if isinstance(self.polish_steps, bool) or not isinstance(self.polish_steps, int) or self.polish_steps < 0:
+            raise ValueError(f"polish_steps must be an int >= 0 (0: off), got {self.polish_steps!r}")
+        for name in ("polish_lr", "polish_tau"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         g = self.grow_from
         if not (g is None or (isinstance(g, int) and not isinstance(g, bool) and g >= 0)):
             raise ValueError(f"grow_from must be an int >= 1 (first stage's tokens), or None / 0 (off), got {g!r}")

@@ -18,6 +18,7 @@ seen (highest accuracy, then lowest loss) is what is returned.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -35,6 +36,49 @@ from .static_fit import fit_static
 def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, cfg: FitConfig,
          shared_m: torch.Tensor | None = None, init: torch.Tensor | None = None,
          record_history: bool = False, progress=None, on_step=None) -> list[FitResult]:
+    """The fit of ``cfg``, then (``cfg.polish_steps``) the margin-loss polish of the texts it left short."""
+    res = _fit_once(lm, token_lists, n_vectors, mode, cfg, shared_m=shared_m, init=init,
+                    record_history=record_history, progress=progress, on_step=on_step)
+    short = [j for j, r in enumerate(res) if r.accuracy < cfg.target_accuracy]
+    if not cfg.polish_steps or not short:
+        return res
+    pcfg = polish_config(cfg)
+    sub_on_step = None
+    if on_step is not None:  # report the whole batch: the polished texts' state, the others' results
+        full_v = torch.stack([r.vectors for r in res]).to(lm.device)
+        full_acc = torch.tensor([r.accuracy for r in res])
+        idx = torch.tensor(short)
+
+        def sub_on_step(step, best_accuracy, active, seconds, best_vectors=None):
+            full_acc[idx] = best_accuracy.cpu().to(full_acc.dtype)
+            act = torch.zeros(len(res), dtype=torch.bool)
+            act[idx] = active.cpu()
+            if best_vectors is not None:
+                full_v[idx.to(lm.device)] = best_vectors.to(full_v.dtype)
+            on_step(step=step, best_accuracy=full_acc.clone(), active=act, seconds=seconds, best_vectors=full_v)
+    # progress was told of these texts when the first fit ended: the polish does not report them again
+    pol = _fit_once(lm, [token_lists[j] for j in short], n_vectors, mode, pcfg, shared_m=shared_m,
+                    init=torch.stack([res[j].vectors for j in short]), record_history=record_history,
+                    on_step=sub_on_step)
+    for j, p in zip(short, pol):
+        r = res[j]
+        keep = p if p.accuracy > r.accuracy else r
+        res[j] = FitResult(vectors=keep.vectors, token_ids=r.token_ids, accuracy=keep.accuracy,
+                           steps=r.steps + p.steps, seconds=r.seconds + p.seconds, loss=keep.loss,
+                           restarts=r.restarts, history=r.history + p.history)
+    return res
+
+
+def polish_config(cfg: FitConfig) -> FitConfig:
+    """The polishing fit's settings (see ``FitConfig.polish_steps``): the margin loss at ``polish_tau`` and
+    ``polish_lr`` for ``polish_steps`` steps, no warm-up, no restarts, no stages; the rest as in ``cfg``."""
+    return dataclasses.replace(cfg, max_steps=cfg.polish_steps, margin_tau=cfg.polish_tau, lr=cfg.polish_lr,
+                               warmup_steps=0, restart_patience=0, grow_from=None, polish_steps=0)
+
+
+def _fit_once(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, cfg: FitConfig,
+              shared_m: torch.Tensor | None = None, init: torch.Tensor | None = None,
+              record_history: bool = False, progress=None, on_step=None) -> list[FitResult]:
     """The fitter for ``cfg.step_mode``: the eager loop, or the fixed-shape step (scalerec/llm/static_fit.py)."""
     sm = cfg.step_mode
     if sm == "auto":
