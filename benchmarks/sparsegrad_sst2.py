@@ -103,6 +103,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 seed, tiny budget (~2 minutes)")
     ap.add_argument("--lm", action="store_true", help="SmolLM2-135M on tiny Shakespeare (SparseGrad vs LoRA)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seed-list", default=None, help="comma-separated seeds to run instead of 0 .. --seeds - 1 "
+                    "(e.g. 1,2: more seeds of a run, in another process)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS))
@@ -148,6 +150,11 @@ def main() -> int:
             base = dict(steps=args.steps or 40, batch_size=args.batch_size or 16, max_length=32,
                         calibration_steps=5)
             seeds = list(range(args.seeds))
+            if args.seed_list:
+                try:
+                    seeds = [int(x) for x in args.seed_list.split(",")]
+                except ValueError:
+                    ap.error(f"--seed-list: comma-separated ints expected, got {args.seed_list!r}")
         base.update(model=args.model or "minilm", task="sst2", grad_dtype=args.grad_dtype, threads=args.threads)
         if args.max_length:
             base["max_length"] = args.max_length
