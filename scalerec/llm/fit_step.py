@@ -44,17 +44,19 @@ def text_losses(logits: torch.Tensor, tgt: torch.Tensor, cfg: FitConfig):
     margins (the wrong tokens and the right ones closest to flipping), ranked by itself: a polished state has
     larger margins, not necessarily a lower CE."""
     B, L = tgt.shape
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none",
-                         ignore_index=-100).view(B, L)
     mask = tgt != -100
     n_tok = mask.sum(1)
-    if cfg.margin_tau > 0:
+    if cfg.margin_tau > 0:  # no CE at all: the margin loss ranks the states itself
         loss_per = cfg.margin_tau * torch.logsumexp(-token_margins(logits, tgt) / cfg.margin_tau, dim=1)
+        plain = loss_per.detach().clone()
     else:
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none",
+                             ignore_index=-100).view(B, L)
         lossc_tok = ce if cfg.ce_floor <= 0 else torch.clamp(ce - cfg.ce_floor, min=0.0)
         loss_per = (lossc_tok * mask).sum(1) / n_tok
+        with torch.no_grad():
+            plain = (ce * mask).sum(1) / n_tok
     with torch.no_grad():
-        plain = loss_per.detach().clone() if cfg.margin_tau > 0 else (ce * mask).sum(1) / n_tok
         acc = ((logits.argmax(-1) == tgt) & mask).sum(1).float() / n_tok.float()
     return loss_per, plain, acc
 

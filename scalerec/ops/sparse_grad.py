@@ -243,7 +243,8 @@ class _SparseLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, w, u_out, u_in = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
-        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        g_all = grad_y.reshape(-1, grad_y.shape[-1])
+        g2 = g_all  # the weight gradient's rows (all-zero ones may be dropped below)
         # the weight gradient's selection first, the input gradient after it: the selection's [O, I] temporaries
         # (the rotated gradient and its GEMMs' outputs) are freed before grad_x ([N, I], up to 4x larger) exists, so
         # the two never add up in the backward's peak memory
@@ -271,7 +272,7 @@ class _SparseLinear(torch.autograd.Function):
             if not ctx.sparse_grad:
                 grad_w = grad_w.to_dense()
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+            grad_b = g_all.sum(0)
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ w.to(grad_y.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
