@@ -152,6 +152,57 @@ def test_sparsegrad_ops_cuda(rotated):
         _close(got, ref, 1e-10)
 
 
+def _topk_abs_ties_in_index_order(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Every |v| above the k-th largest, then the ties at it in index order (the CPU kernel's rule), ascending."""
+    a = v.double().abs()
+    thr = torch.topk(a, k).values[-1]
+    above = (a > thr).nonzero().flatten()
+    ties = (a == thr).nonzero().flatten()[: k - above.numel()]
+    return torch.cat([above, ties]).sort().values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,k", [((1536, 384), 5898), ((37, 53), 1), ((37, 53), 37 * 53), ((37, 53), 37 * 53 - 1),
+                                     ((300, 41), 700), ((64, 64), 2048)])
+def test_radix_select_on_cuda(dtype, shape, k):
+    """The CUDA selection (radix select over the magnitudes' bits, csrc/cuda/sparsegrad.cu) against the reference
+    rule, on matrices full of ties (values on a coarse grid, both signs): the same k entries, ascending, with their
+    signed values, for every dtype; k = 1 and k = all entries; sizes that do not fill the last 2,048-entry chunk."""
+    from scalerec.ops.sparse_grad import sparsegrad_topk_grad
+
+    g = torch.Generator().manual_seed(k)
+    O, I = shape
+    G = ((torch.randn(O, I, generator=g, dtype=torch.float64) * 4).round() / 4).to(dtype)
+    if dtype == torch.float32 and k == 5898:
+        G = torch.randn(O, I, generator=g)  # also a case without ties
+    eye = torch.eye(O, dtype=dtype)  # grad_outᵀ x with grad_out = I is x itself (exact in every dtype)
+    idx, val = sparsegrad_topk_grad(eye.to(DEV), G.to(DEV), None, None, k)
+    want = _topk_abs_ties_in_index_order(G.flatten(), k)
+    assert idx.dtype == torch.long and torch.equal(idx.cpu(), want)
+    assert torch.equal(val.cpu(), G.flatten()[want])
+    if dtype != torch.float16:  # the CPU kernel (float32, float64, bfloat16) takes the same entries
+        assert torch.equal(idx.cpu(), sparsegrad_topk_grad(eye, G, None, None, k)[0])
+
+
+def test_torch_topk_selection_switch_on_cuda(monkeypatch):
+    """SCALEREC_SPARSEGRAD_SELECT=torch (at::topk + sort, kept for comparison) selects the same entries when there
+    are no ties; an unknown value is a clear error."""
+    from scalerec.ops.sparse_grad import sparsegrad_topk_grad
+
+    g = torch.Generator().manual_seed(3)
+    go, x = torch.randn(200, 96, generator=g), torch.randn(200, 80, generator=g)
+    uo = torch.linalg.qr(torch.randn(96, 96, generator=g))[0]
+    ui = torch.linalg.qr(torch.randn(80, 80, generator=g))[0]
+    args = [t.to(DEV) for t in (go, x, uo, ui)]
+    radix = sparsegrad_topk_grad(*args, 300)
+    monkeypatch.setenv("SCALEREC_SPARSEGRAD_SELECT", "torch")
+    torch_sel = sparsegrad_topk_grad(*args, 300)
+    assert torch.equal(radix[0], torch_sel[0]) and torch.equal(radix[1], torch_sel[1])
+    monkeypatch.setenv("SCALEREC_SPARSEGRAD_SELECT", "bogus")
+    with pytest.raises(RuntimeError, match="SCALEREC_SPARSEGRAD_SELECT"):
+        sparsegrad_topk_grad(*args, 300)
+
+
 def test_losses_on_cuda_match_cpu():
     """SCE, RECE and the exact blockwise CE give the same loss and gradients on the GPU as on the CPU."""
     from scalerec.losses.ce import ce_loss

@@ -493,3 +493,47 @@ def test_sparsegrad_linear_type():
     model = sparsegrad_bert()
     assert all(isinstance(m, SparseGradLinear) for _, m in sparse_layers(model))
     assert "attention" not in " ".join(n for n, _ in sparse_layers(model))
+
+
+def test_optimizer_takes_the_backwards_flat_ids(monkeypatch):
+    """The layer's backward records its selection's flat entry ids, and the optimizer takes them instead of
+    re-deriving them from the COO (row, col) pairs (two kernel launches per weight on a GPU): they equal
+    row * cols + col, a record is dropped once taken, and a gradient summed over two backwards gets none."""
+    import scalerec.peft.sparsegrad as sg
+    from scalerec.ops.sparse_grad import take_selection
+
+    b1, b2 = itertools.islice(bert_batches(seed=3), 2)
+    model = sparsegrad_bert(density=0.1, dtype=torch.float64)
+    model(**b1).loss.backward()
+    for n, l in sparse_layers(model):
+        g = l.weight.grad
+        r, c = g._indices()
+        flat = take_selection(l.weight, g._values())
+        assert flat is not None and torch.equal(flat, r * l.in_features + c), n
+        assert take_selection(l.weight, g._values()) is None, n  # dropped when taken
+    model.zero_grad()
+    model(**b1).loss.backward()
+    model(**b2).loss.backward()
+    for n, l in sparse_layers(model):
+        assert take_selection(l.weight, l.weight.grad.coalesce()._values()) is None, n
+    # the optimizer uses the records: one per layer and step, and none is left behind
+    got = []
+    monkeypatch.setattr(sg, "take_selection", lambda w, v: got.append(take_selection(w, v)) or got[-1])
+    opt = SparseGradOptimizer(model, lr=1e-2)
+    for b in (b1, b2):
+        opt.zero_grad()
+        model(**b).loss.backward()
+        opt.step()
+    layers = sparse_layers(model)
+    assert len(got) == 2 * len(layers) and all(f is not None for f in got)
+    from scalerec.ops import sparse_grad
+
+    assert not any(id(l.weight) in sparse_grad._SELECTIONS for _, l in layers)
+    model(**b1).loss.backward()  # a record goes with its weight
+    assert all(id(l.weight) in sparse_grad._SELECTIONS for _, l in layers)
+    keys = [id(l.weight) for _, l in layers]
+    del model, opt, layers, l
+    import gc
+
+    gc.collect()
+    assert not any(k in sparse_grad._SELECTIONS for k in keys)

@@ -15,6 +15,7 @@ entries of the gradient with respect to ``W~ = U_outᵀ W U_in``. Each op has a 
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -227,6 +228,40 @@ def sparsegrad_lazy_adam_reference(weights, exp_avg, exp_avg_sq, steps, position
 
 
 # --------------------------------------------------------------------------- the differentiable layer op
+# The last sparse gradient's flat entry ids, per weight: (its values, the ids). The optimizer needs the entries as
+# flat ids, which the COO gradient holds only as (row, col) pairs; on a GPU re-deriving them is two more kernel
+# launches per weight and step in a host-bound loop. Autograd stores the gradient as a new sparse tensor over the
+# same values, so the values' storage identifies it (see take_selection).
+# Keyed by id(weight) with a weak reference to it (a WeakKeyDictionary compares tensors with ==); a record goes
+# when its weight is freed.
+_SELECTIONS: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
+
+
+def _record_selection(weight: torch.Tensor, values: torch.Tensor, ids: torch.Tensor) -> None:
+    key = id(weight)
+
+    def gone(ref, key=key):
+        rec = _SELECTIONS.get(key)
+        if rec is not None and rec[0] is ref:
+            del _SELECTIONS[key]
+
+    _SELECTIONS[key] = (weakref.ref(weight, gone), values, ids)
+
+
+def take_selection(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
+    """The flat ids (ascending, int64) of the entries in the sparse gradient that the last backward of a
+    :func:`sparse_linear` gave ``weight``, if ``values`` are that gradient's values (the same storage: a gradient
+    summed over several backwards has new values and gets None); else None. The record is dropped either way."""
+    rec = _SELECTIONS.get(id(weight))
+    if rec is None or rec[0]() is not weight:
+        return None
+    del _SELECTIONS[id(weight)]
+    _, val, idx = rec
+    if val.numel() != values.numel() or val.numel() == 0 or val.data_ptr() != values.data_ptr():
+        return None
+    return idx
+
+
 class _SparseLinear(torch.autograd.Function):
     """y = x Wᵀ + b. Backward: grad_x = grad_y W (exact), grad_b = Σ grad_y, and for W the top-k entries of the
     ROTATED gradient ``U_outᵀ grad_yᵀ x U_in`` (the gradient with respect to ``W~ = U_outᵀ W U_in``) as a sparse
@@ -267,9 +302,13 @@ class _SparseLinear(torch.autograd.Function):
             idx, val = fn(g2.to(cd).contiguous(), x2.to(cd).contiguous(), uo, ui, ctx.k)
             val = val.to(grad_y.dtype)
             cols = w.shape[1]
-            coords = torch.stack([idx // cols, idx % cols])
+            coords = idx.new_empty((2, idx.numel()))  # written in place: two kernels, no stack
+            torch.div(idx, cols, rounding_mode="floor", out=coords[0])
+            torch.remainder(idx, cols, out=coords[1])
             grad_w = torch.sparse_coo_tensor(coords, val, w.shape, is_coalesced=True, check_invariants=False)
-            if not ctx.sparse_grad:
+            if ctx.sparse_grad:
+                _record_selection(w, val, idx)
+            else:
                 grad_w = grad_w.to_dense()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g_all.sum(0)

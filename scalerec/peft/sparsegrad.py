@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from scalerec.ops.sparse_grad import (sparsegrad_compact_merge, sparsegrad_compact_merge_reference,
-                                      sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference, step_count_dtype)
+                                      sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference, step_count_dtype,
+                                      take_selection)
 from scalerec.peft.config import GRAD_DTYPES, MePropConfig, SparseGradConfig, find_targets
 from scalerec.peft.layers import SparseGradLinear
 
@@ -322,8 +323,11 @@ class SparseGradOptimizer(torch.optim.Optimizer):
             layer = self._layers.get(id(p))
             if not g.is_coalesced() and not (layer is not None and g._nnz() == layer.k):
                 g = g.coalesce()
-            r, c = g._indices()
-            return r * p.shape[1] + c, g._values()
+            flat = take_selection(p, g._values())  # the backward's own flat ids, when this is its gradient
+            if flat is None:
+                r, c = g._indices()
+                flat = r * p.shape[1] + c
+            return flat, g._values()
         # a dense gradient (e.g. from another backward): treat its nonzeros as the selected entries
         flat = g.reshape(-1)
         idx = flat.nonzero().squeeze(1)
