@@ -400,3 +400,29 @@ def test_compact_merge_rejects_bad_input():
     bad[0], bad[1] = 8, 4
     with pytest.raises(RuntimeError, match="idx must be strictly ascending"):
         sparsegrad_compact_merge(bad, m, v, t, torch.tensor([1], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("live_rows", [[0, 40], list(range(0, 64, 2)), list(range(64))])
+def test_backward_with_mostly_zero_output_gradient_rows(live_rows):
+    """The CPU backward drops all-zero rows of grad_y before the weight-gradient GEMMs when at most a quarter are
+    live (a classifier's last MLP: only [CLS]); judged first from a sample of rows. The selection is that of the
+    full gradient whether rows were dropped (2 live of 64) or not (32 or 64 live)."""
+    from scalerec.ops.sparse_grad import _few_live_rows, rotated_weight_grad_reference, sparse_linear
+
+    g = torch.Generator().manual_seed(len(live_rows))
+    N, O, I, k = 64, 24, 16, 40
+    x = torch.randn(N, I, generator=g, dtype=torch.float64)
+    w = torch.randn(O, I, generator=g, dtype=torch.float64, requires_grad=True)
+    uo = torch.linalg.qr(torch.randn(O, O, generator=g, dtype=torch.float64))[0]
+    ui = torch.linalg.qr(torch.randn(I, I, generator=g, dtype=torch.float64))[0]
+    gy = torch.zeros(N, O, dtype=torch.float64)
+    gy[live_rows] = torch.randn(len(live_rows), O, generator=g, dtype=torch.float64)
+    if len(live_rows) in (2, N):  # the sample's verdict where it is clear (32 live rows: either way)
+        assert _few_live_rows(gy) == (len(live_rows) == 2)
+    sparse_linear(x, w, None, uo, ui, k).backward(gy)
+    full = rotated_weight_grad_reference(gy, x, uo, ui).flatten()
+    want = torch.topk(full.abs(), k).indices.sort().values
+    got = w.grad.coalesce()
+    flat = got.indices()[0] * I + got.indices()[1]
+    assert torch.equal(flat, want)
+    torch.testing.assert_close(got.values(), full[want], rtol=1e-12, atol=1e-12)
