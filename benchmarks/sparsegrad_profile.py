@@ -23,6 +23,52 @@ SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cud
             "aten::_local_scalar_dense")
 
 
+def launches_by_op(events, cuda: bool, steps: int, top: int = 20) -> list[dict]:
+    """Where the launches come from: on a GPU, kernel launches per step grouped by (region, the outermost operator
+    that issued them); on a CPU, the outermost operator calls themselves (each launches at least one kernel on a
+    GPU; views, metadata calls and no-op casts, which launch nothing, are left out). The region is the autograd node or the optimizer step around it, else
+    the forward."""
+    import collections
+
+    def is_op(e):
+        return e.name.startswith(("aten::", "scalerec::"))
+
+    def region_and_outer(e):
+        region, outer, p = "forward", None, e
+        while p is not None:
+            if is_op(p):
+                outer = p.name
+            if region == "forward" and (p.name.startswith("autograd::engine::evaluate_function:")
+                                        or p.name.startswith("Optimizer.step")):
+                region = p.name.removeprefix("autograd::engine::evaluate_function: ")
+            p = p.cpu_parent
+        return region, outer
+
+    # on a CPU: calls that launch nothing on a GPU (views, metadata, allocation) are left out
+    quiet = {"aten::" + n for n in ("reshape", "view", "_unsafe_view", "_reshape_alias", "t", "transpose", "permute",
+                                    "select", "slice", "as_strided", "unsqueeze", "squeeze", "expand", "alias",
+                                    "detach", "_indices", "_values", "indices", "values", "empty", "empty_like",
+                                    "new_empty", "empty_strided", "lift_fresh", "result_type", "to", "_to_copy",
+                                    "contiguous", "split", "chunk", "unbind", "narrow", "flatten", "numpy_T")}
+    c = collections.Counter()
+    for e in events:
+        if cuda and e.name.startswith("cudaLaunchKernel"):
+            region, outer = region_and_outer(e.cpu_parent) if e.cpu_parent is not None else ("?", None)
+            c[(region, outer or "(no operator)")] += 1
+        elif not cuda and is_op(e) and e.name not in quiet:
+            region, outer = region_and_outer(e)
+            if outer == e.name and not any(is_op(q) for q in _ancestors(e)):
+                c[(region, e.name)] += 1
+    return [{"region": r, "op": o, "per_step": n / steps} for (r, o), n in c.most_common(top)]
+
+
+def _ancestors(e):
+    p = e.cpu_parent
+    while p is not None:
+        yield p
+        p = p.cpu_parent
+
+
 def profile_method(method: str, args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -85,8 +131,14 @@ def profile_method(method: str, args) -> dict:
           f"optimizer host ms/step {opt_ms:.2f} (self {opt_self_ms:.2f})", file=sys.stderr)
     for r in rows:
         print(f"   {r['self_ms_per_step']:8.3f} ms  x{r['calls_per_step']:6.1f}  {r['op'][:90]}", file=sys.stderr)
+    by_op = launches_by_op(prof.events(), cuda, len(todo))
+    what = "kernel launches" if cuda else "outermost operator calls (views, metadata and allocation left out)"
+    print(f"   {what} per step by region and operator:", file=sys.stderr)
+    for r in by_op:
+        print(f"   {r['per_step']:8.1f} x  {r['region'][:40]:40s} {r['op'][:60]}", file=sys.stderr)
     return {"step_ms": step_ms, "kernel_launches_per_step": launches, "syncs_per_step": syncs,
-            "optimizer_host_ms": opt_ms, "optimizer_self_host_ms": opt_self_ms, "top": rows}
+            "optimizer_host_ms": opt_ms, "optimizer_self_host_ms": opt_self_ms, "top": rows,
+            ("launches_by_op" if cuda else "operator_calls_by_op"): by_op}
 
 
 def main() -> int:

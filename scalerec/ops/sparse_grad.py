@@ -262,6 +262,11 @@ def take_selection(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor |
     return idx
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the operator call when it would be a no-op (a host-bound path on a GPU)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _few_live_rows(g: torch.Tensor) -> bool:
     """Whether dropping ``g``'s all-zero rows may pay (at most a quarter of them live), judged from ~16 evenly spaced
     rows: a full check is a pass over [N, O] (~1.8 ms per MiniLM MLP linear on one CPU core), and only the last
@@ -305,11 +310,11 @@ class _SparseLinear(torch.autograd.Function):
                 n_live = int(live.sum())
                 if 0 < n_live and 4 * n_live <= g2.size(0):
                     g2, x2 = g2[live], x2[live]
-            uo = u_out.to(cd) if u_out is not None else None
-            ui = u_in.to(cd) if u_in is not None else None
+            uo = _as(u_out, cd) if u_out is not None else None
+            ui = _as(u_in, cd) if u_in is not None else None
             fn = sparsegrad_topk_grad_reference if ctx.use_reference else sparsegrad_topk_grad
-            idx, val = fn(g2.to(cd).contiguous(), x2.to(cd).contiguous(), uo, ui, ctx.k)
-            val = val.to(grad_y.dtype)
+            idx, val = fn(_as(g2, cd).contiguous(), _as(x2, cd).contiguous(), uo, ui, ctx.k)
+            val = _as(val, grad_y.dtype)
             cols = w.shape[1]
             coords = idx.new_empty((2, idx.numel()))  # written in place: two kernels, no stack
             torch.div(idx, cols, rounding_mode="floor", out=coords[0])
@@ -322,7 +327,7 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g_all.sum(0)
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ w.to(grad_y.dtype)
+            grad_x = grad_y @ _as(w, grad_y.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
