@@ -167,8 +167,9 @@ def _topk_abs_ties_in_index_order(v: torch.Tensor, k: int) -> torch.Tensor:
 def test_radix_select_on_cuda(dtype, shape, k):
     """The CUDA selection (radix select over the magnitudes' bits, csrc/cuda/sparsegrad.cu) against the reference
     rule, on matrices full of ties (values on a coarse grid, both signs): the same k entries, ascending, with their
-    signed values, for every dtype; k = 1 and k = all entries; sizes that do not fill the last 2,048-entry chunk."""
-    from scalerec.ops.sparse_grad import sparsegrad_topk_grad
+    signed values, for every dtype; k = 1 and k = all entries; sizes that do not fill the last 2,048-entry chunk;
+    and the COO forms of the same selection (sparsegrad_topk_grad_coo)."""
+    from scalerec.ops.sparse_grad import sparsegrad_topk_grad, sparsegrad_topk_grad_coo
 
     g = torch.Generator().manual_seed(k)
     O, I = shape
@@ -182,12 +183,16 @@ def test_radix_select_on_cuda(dtype, shape, k):
     assert torch.equal(val.cpu(), G.flatten()[want])
     if dtype != torch.float16:  # the CPU kernel (float32, float64, bfloat16) takes the same entries
         assert torch.equal(idx.cpu(), sparsegrad_topk_grad(eye, G, None, None, k)[0])
+    ind, keys, v2 = sparsegrad_topk_grad_coo(eye.to(DEV), G.to(DEV), None, None, k)  # the same, in its COO forms
+    assert ind.shape == (3, k) and keys.dtype == torch.int32
+    assert torch.equal(ind[2].cpu(), want) and torch.equal((ind[0] * I + ind[1]).cpu(), want)
+    assert torch.equal(keys.long().cpu(), want) and torch.equal(v2.cpu(), val.cpu())
 
 
 def test_torch_topk_selection_switch_on_cuda(monkeypatch):
     """SCALEREC_SPARSEGRAD_SELECT=torch (at::topk + sort, kept for comparison) selects the same entries when there
     are no ties; an unknown value is a clear error."""
-    from scalerec.ops.sparse_grad import sparsegrad_topk_grad
+    from scalerec.ops.sparse_grad import sparsegrad_topk_grad, sparsegrad_topk_grad_coo
 
     g = torch.Generator().manual_seed(3)
     go, x = torch.randn(200, 96, generator=g), torch.randn(200, 80, generator=g)
@@ -198,6 +203,11 @@ def test_torch_topk_selection_switch_on_cuda(monkeypatch):
     monkeypatch.setenv("SCALEREC_SPARSEGRAD_SELECT", "torch")
     torch_sel = sparsegrad_topk_grad(*args, 300)
     assert torch.equal(radix[0], torch_sel[0]) and torch.equal(radix[1], torch_sel[1])
+    coo_torch = sparsegrad_topk_grad_coo(*args, 300)
+    monkeypatch.setenv("SCALEREC_SPARSEGRAD_SELECT", "radix")
+    coo_radix = sparsegrad_topk_grad_coo(*args, 300)
+    assert all(torch.equal(a, b) for a, b in zip(coo_radix, coo_torch))
+    assert torch.equal(coo_radix[0][2], radix[0])
     monkeypatch.setenv("SCALEREC_SPARSEGRAD_SELECT", "bogus")
     with pytest.raises(RuntimeError, match="SCALEREC_SPARSEGRAD_SELECT"):
         sparsegrad_topk_grad(*args, 300)

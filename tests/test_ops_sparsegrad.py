@@ -426,3 +426,28 @@ def test_backward_with_mostly_zero_output_gradient_rows(live_rows):
     flat = got.indices()[0] * I + got.indices()[1]
     assert torch.equal(flat, want)
     torch.testing.assert_close(got.values(), full[want], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rotated", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_topk_grad_coo_forms(rotated, dtype):
+    """sparsegrad_topk_grad_coo: the selection of sparsegrad_topk_grad as a [3, k] index (rows, columns, flat ids),
+    int32 keys and the values, equal to its reference; indices[:2] is the COO index of the top-k gradient."""
+    from scalerec.ops.sparse_grad import sparsegrad_topk_grad_coo, sparsegrad_topk_grad_coo_reference
+
+    g = torch.Generator().manual_seed(11)
+    N, O, I, k = 40, 24, 18, 37
+    go = torch.randn(N, O, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(N, I, generator=g, dtype=torch.float64).to(dtype)
+    uo = torch.linalg.qr(torch.randn(O, O, generator=g, dtype=torch.float64))[0].to(dtype) if rotated else None
+    ui = torch.linalg.qr(torch.randn(I, I, generator=g, dtype=torch.float64))[0].to(dtype) if rotated else None
+    ind, keys, val = sparsegrad_topk_grad_coo(go, x, uo, ui, k)
+    idx, v2 = sparsegrad_topk_grad(go, x, uo, ui, k)
+    assert ind.shape == (3, k) and ind.dtype == torch.long and keys.dtype == torch.int32
+    assert torch.equal(ind[2], idx) and torch.equal(ind[0] * I + ind[1], idx) and torch.equal(keys.long(), idx)
+    assert torch.equal(val, v2)
+    if dtype == torch.float64:  # the reference's selection agrees where there are no near-ties
+        r_ind, r_keys, r_val = sparsegrad_topk_grad_coo_reference(go, x, uo, ui, k)
+        assert torch.equal(ind, r_ind) and torch.equal(keys, r_keys)
+        torch.testing.assert_close(val, r_val, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(torch.ops.scalerec.sparsegrad_topk_grad_coo.default, (go, x, uo, ui, k))

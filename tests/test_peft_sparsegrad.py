@@ -508,8 +508,9 @@ def test_optimizer_takes_the_backwards_flat_ids(monkeypatch):
     for n, l in sparse_layers(model):
         g = l.weight.grad
         r, c = g._indices()
-        flat = take_selection(l.weight, g._values())
-        assert flat is not None and torch.equal(flat, r * l.in_features + c), n
+        taken = take_selection(l.weight, g._values())
+        assert taken is not None and torch.equal(taken[0], r * l.in_features + c), n
+        assert taken[1].dtype == torch.int32 and torch.equal(taken[1].long(), taken[0]), n
         assert take_selection(l.weight, g._values()) is None, n  # dropped when taken
     model.zero_grad()
     model(**b1).loss.backward()

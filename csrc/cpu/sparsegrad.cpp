@@ -138,6 +138,35 @@ std::tuple<at::Tensor, at::Tensor> sparsegrad_topk_grad_cpu(const at::Tensor& gr
   return {idx, val};
 }
 
+// sparsegrad_topk_grad_coo: the same selection as (indices [3, k] int64: rows, columns and flat ids, so that
+// indices[:2] is the COO index; keys [k]: the flat ids as int32 when the weight has fewer than 2^31 entries, else
+// int64; values [k]). One call gives the backward its COO index and the optimizer its entry ids (a GPU would
+// otherwise launch a kernel for each).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsegrad_topk_grad_coo_cpu(const at::Tensor& grad_out,
+                                                                            const at::Tensor& x,
+                                                                            const std::optional<at::Tensor>& u_out,
+                                                                            const std::optional<at::Tensor>& u_in,
+                                                                            int64_t k) {
+  auto [idx, val] = sparsegrad_topk_grad_cpu(grad_out, x, u_out, u_in, k);
+  const int64_t I = x.size(1), n = grad_out.size(1) * I;
+  auto ind = at::empty({3, k}, idx.options());
+  auto keys = at::empty({k}, idx.options().dtype(n < (int64_t(1) << 31) ? at::kInt : at::kLong));
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  int64_t* rp = ind.data_ptr<int64_t>();
+  for (int64_t p = 0; p < k; ++p) {
+    rp[p] = ip[p] / I;
+    rp[k + p] = ip[p] % I;
+    rp[2 * k + p] = ip[p];
+  }
+  if (keys.scalar_type() == at::kInt) {
+    int32_t* kp = keys.data_ptr<int32_t>();
+    for (int64_t p = 0; p < k; ++p) kp[p] = static_cast<int32_t>(ip[p]);
+  } else {
+    keys.copy_(idx);
+  }
+  return {ind, keys, val};
+}
+
 void sparsegrad_rotated_update_cpu(const at::Tensor& weight, const at::Tensor& u_out_, const at::Tensor& u_in_,
                                    const at::Tensor& indices_, const at::Tensor& delta_) {
   TORCH_CHECK(weight.dim() == 2, "sparsegrad_rotated_update_: weight must be [O, I], got shape ", weight.sizes());
@@ -206,11 +235,13 @@ void sparsegrad_rotated_update_cpu(const at::Tensor& weight, const at::Tensor& u
 
 TORCH_LIBRARY_FRAGMENT(scalerec, m) {
   m.def("sparsegrad_topk_grad(Tensor grad_out, Tensor x, Tensor? u_out, Tensor? u_in, int k) -> (Tensor, Tensor)");
+  m.def("sparsegrad_topk_grad_coo(Tensor grad_out, Tensor x, Tensor? u_out, Tensor? u_in, int k) -> (Tensor, Tensor, Tensor)");
   m.def("sparsegrad_rotated_update_(Tensor(a!) weight, Tensor u_out, Tensor u_in, Tensor indices, Tensor delta) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(scalerec, CPU, m) {
   m.impl("sparsegrad_topk_grad", &sparsegrad_topk_grad_cpu);
+  m.impl("sparsegrad_topk_grad_coo", &sparsegrad_topk_grad_coo_cpu);
   m.impl("sparsegrad_rotated_update_", &sparsegrad_rotated_update_cpu);
 }
 

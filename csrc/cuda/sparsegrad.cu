@@ -1,6 +1,7 @@
 // CUDA kernels of the SparseGrad ops (compiled only when torch has CUDA and a toolkit is present).
 // Same contracts as csrc/cpu/sparsegrad.cpp:
 //   sparsegrad_topk_grad(grad_out, x, u_out?, u_in?, k) -> (flat indices ascending [k], values [k])
+//   sparsegrad_topk_grad_coo(...) -> (indices [3, k]: rows, columns, flat ids; keys [k] int32; values [k])
 //   sparsegrad_rotated_update_(weight, u_out, u_in, indices, delta): weight += U_out D U_in^T, D sparse.
 // The dense products go to cuBLAS through at::mm; the selection is this file's radix select (below: 5 kernels for
 // float32, no host sync; SCALEREC_SPARSEGRAD_SELECT=torch switches to at::topk + sort for comparison); the
@@ -165,10 +166,31 @@ __global__ void __launch_bounds__(kThreads) radix_count_kernel(const scalar_t* _
   }
 }
 
+// Where the selected entries go: flat ids and values always; with `coords`, also the rows ([0, k)) and columns
+// ([k, 2k)) of a [3, k] index whose last row is `flat`; with `keys`, the flat ids as int32 as well.
+template <typename scalar_t>
+struct Outputs {
+  int64_t* flat;
+  scalar_t* val;
+  int64_t* coords;  // or nullptr
+  int* keys;        // or nullptr
+  int64_t k, cols;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ void emit(const Outputs<scalar_t>& o, long long pos, int64_t i, scalar_t value) {
+  o.flat[pos] = i;
+  o.val[pos] = value;
+  if (o.coords != nullptr) {
+    o.coords[pos] = i / o.cols;
+    o.coords[o.k + pos] = i % o.cols;
+  }
+  if (o.keys != nullptr) o.keys[pos] = static_cast<int>(i);
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) radix_write_kernel(const scalar_t* __restrict__ v, int64_t n, int passes,
-                                                               Workspace ws, int chunks, int64_t* __restrict__ out_idx,
-                                                               scalar_t* __restrict__ out_val) {
+                                                               Workspace ws, int chunks, Outputs<scalar_t> out) {
   using K = MagKey<scalar_t>;
   using key_t = typename K::type;
   const key_t T = static_cast<key_t>(ws.state[passes].prefix);
@@ -211,13 +233,11 @@ __global__ void __launch_bounds__(kThreads) radix_write_kernel(const scalar_t* _
     if (i >= n) break;
     if (keys[j] > T) {
       const long long pos = g + (e < need ? e : need);
-      out_idx[pos] = i;
-      out_val[pos] = v[i];
+      emit(out, pos, i, v[i]);
       ++g;
     } else if (keys[j] == T) {
       if (e < need) {
-        out_idx[g + e] = i;
-        out_val[g + e] = v[i];
+        emit(out, g + e, i, v[i]);
       }
       ++e;
     }
@@ -225,7 +245,7 @@ __global__ void __launch_bounds__(kThreads) radix_write_kernel(const scalar_t* _
 }
 
 template <typename scalar_t>
-void radix_topk_abs(const at::Tensor& G, int64_t k, at::Tensor& out_idx, at::Tensor& out_val) {
+void radix_topk_abs(const at::Tensor& G, int64_t k, const Outputs<scalar_t>& out) {
   constexpr int P = num_passes(MagKey<scalar_t>::bits);
   const int64_t n = G.numel();
   const int chunks = static_cast<int>((n + kChunk - 1) / kChunk);
@@ -249,8 +269,7 @@ void radix_topk_abs(const at::Tensor& G, int64_t k, at::Tensor& out_idx, at::Ten
   }
   radix_count_kernel<scalar_t><<<chunks, kThreads, 0, stream>>>(v, n, P, ws, chunks);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  radix_write_kernel<scalar_t><<<chunks, kThreads, 0, stream>>>(v, n, P, ws, chunks, out_idx.data_ptr<int64_t>(),
-                                                                out_val.data_ptr<scalar_t>());
+  radix_write_kernel<scalar_t><<<chunks, kThreads, 0, stream>>>(v, n, P, ws, chunks, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -284,29 +303,69 @@ at::Tensor rotated_weight_grad_cuda(const at::Tensor& g, const at::Tensor& x, co
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> sparsegrad_topk_grad_cuda(const at::Tensor& grad_out, const at::Tensor& x,
-                                                             const std::optional<at::Tensor>& u_out_,
-                                                             const std::optional<at::Tensor>& u_in_, int64_t k) {
+namespace {
+
+// The checked rotated gradient, flattened (the selection's input).
+at::Tensor rotated_grad_for_selection(const at::Tensor& grad_out, const at::Tensor& x,
+                                      const std::optional<at::Tensor>& u_out_, const std::optional<at::Tensor>& u_in_,
+                                      int64_t k) {
   TORCH_CHECK(grad_out.dim() == 2 && x.dim() == 2 && grad_out.size(0) == x.size(0),
               "sparsegrad_topk_grad: expected grad_out [N, O] and x [N, I]");
   const int64_t O = grad_out.size(1), I = x.size(1);
   TORCH_CHECK(k >= 1 && k <= O * I, "sparsegrad_topk_grad: k must be in [1, ", O * I, "], got ", k);
   TORCH_CHECK(!u_out_ || (u_out_->size(0) == O && u_out_->size(1) == O), "sparsegrad: u_out must be [O, O]");
   TORCH_CHECK(!u_in_ || (u_in_->size(0) == I && u_in_->size(1) == I), "sparsegrad: u_in must be [I, I]");
-  c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(O * I <= INT_MAX, "sparsegrad_topk_grad (CUDA): the weight has ", O * I, " entries; at most ",
               INT_MAX, " are supported");
-  at::Tensor G = rotated_weight_grad_cuda(grad_out, x, u_out_, u_in_).reshape(-1).contiguous();
-  if (use_torch_topk()) {
-    auto top = at::topk(G.abs(), k, /*dim=*/0, /*largest=*/true, /*sorted=*/false);
-    at::Tensor idx = std::get<0>(std::get<1>(top).sort());  // ascending -> coalesced COO order
-    return {idx, G.index_select(0, idx)};
-  }
+  return rotated_weight_grad_cuda(grad_out, x, u_out_, u_in_).reshape(-1).contiguous();
+}
+
+// at::topk + sort + index_select: the selection before the radix select, kept for comparison
+std::tuple<at::Tensor, at::Tensor> torch_topk_abs(const at::Tensor& G, int64_t k) {
+  auto top = at::topk(G.abs(), k, /*dim=*/0, /*largest=*/true, /*sorted=*/false);
+  at::Tensor idx = std::get<0>(std::get<1>(top).sort());  // ascending -> coalesced COO order
+  return {idx, G.index_select(0, idx)};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> sparsegrad_topk_grad_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                             const std::optional<at::Tensor>& u_out_,
+                                                             const std::optional<at::Tensor>& u_in_, int64_t k) {
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor G = rotated_grad_for_selection(grad_out, x, u_out_, u_in_, k);
+  if (use_torch_topk()) return torch_topk_abs(G, k);
   at::Tensor idx = at::empty({k}, G.options().dtype(at::kLong));
   at::Tensor val = at::empty({k}, G.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "sparsegrad_topk_grad_cuda",
-                                  [&] { radix_topk_abs<scalar_t>(G, k, idx, val); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "sparsegrad_topk_grad_cuda", [&] {
+    radix_topk_abs<scalar_t>(G, k, Outputs<scalar_t>{idx.data_ptr<int64_t>(), val.data_ptr<scalar_t>(), nullptr,
+                                                     nullptr, k, x.size(1)});
+  });
   return {idx, val};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsegrad_topk_grad_coo_cuda(const at::Tensor& grad_out,
+                                                                             const at::Tensor& x,
+                                                                             const std::optional<at::Tensor>& u_out_,
+                                                                             const std::optional<at::Tensor>& u_in_,
+                                                                             int64_t k) {
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor G = rotated_grad_for_selection(grad_out, x, u_out_, u_in_, k);
+  const int64_t I = x.size(1);
+  if (use_torch_topk()) {
+    auto [idx, val] = torch_topk_abs(G, k);
+    at::Tensor ind = at::stack({at::div(idx, I, "floor"), at::remainder(idx, I), idx});
+    return {ind, idx.to(at::kInt), val};
+  }
+  at::Tensor ind = at::empty({3, k}, G.options().dtype(at::kLong));  // rows, columns, flat ids
+  at::Tensor keys = at::empty({k}, G.options().dtype(at::kInt));     // O * I <= INT_MAX (checked)
+  at::Tensor val = at::empty({k}, G.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "sparsegrad_topk_grad_coo_cuda", [&] {
+    int64_t* p = ind.data_ptr<int64_t>();
+    radix_topk_abs<scalar_t>(G, k, Outputs<scalar_t>{p + 2 * k, val.data_ptr<scalar_t>(), p,
+                                                     keys.data_ptr<int>(), k, I});
+  });
+  return {ind, keys, val};
 }
 
 void sparsegrad_rotated_update_cuda(const at::Tensor& weight, const at::Tensor& u_out, const at::Tensor& u_in,
@@ -332,6 +391,7 @@ void sparsegrad_rotated_update_cuda(const at::Tensor& weight, const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(scalerec, CUDA, m) {
   m.impl("sparsegrad_topk_grad", &sparsegrad_topk_grad_cuda);
+  m.impl("sparsegrad_topk_grad_coo", &sparsegrad_topk_grad_coo_cuda);
   m.impl("sparsegrad_rotated_update_", &sparsegrad_rotated_update_cuda);
 }
 

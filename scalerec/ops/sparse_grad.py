@@ -32,6 +32,14 @@ def _topk_grad_fake(grad_out, x, u_out, u_in, k):
     return x.new_empty((k,), dtype=torch.long), x.new_empty((k,))
 
 
+@torch.library.register_fake("scalerec::sparsegrad_topk_grad_coo")
+def _topk_grad_coo_fake(grad_out, x, u_out, u_in, k):
+    torch._check(grad_out.dim() == 2 and x.dim() == 2)
+    n = grad_out.shape[1] * x.shape[1]
+    torch._check(1 <= k <= n)
+    return (x.new_empty((3, k), dtype=torch.long), x.new_empty((k,), dtype=_key_dtype(n)), x.new_empty((k,)))
+
+
 @torch.library.register_fake("scalerec::sparsegrad_rotated_update_")
 def _rotated_update_fake(weight, u_out, u_in, indices, delta):
     torch._check(weight.dim() == 2 and indices.dim() == 1 and delta.dim() == 1)
@@ -63,6 +71,20 @@ def sparsegrad_topk_grad(grad_out: torch.Tensor, x: torch.Tensor, u_out: torch.T
                          u_in: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` entries (by magnitude) of ``U_outᵀ grad_outᵀ x U_in``: (flat indices ascending, values)."""
     return torch.ops.scalerec.sparsegrad_topk_grad(grad_out, x, u_out, u_in, int(k))
+
+
+def _key_dtype(n: int) -> torch.dtype:
+    """The dtype of the flat entry ids of a weight with ``n`` entries in the optimizer's compact state."""
+    return torch.int32 if n < 2**31 else torch.long
+
+
+def sparsegrad_topk_grad_coo(grad_out: torch.Tensor, x: torch.Tensor, u_out: torch.Tensor | None,
+                             u_in: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The selection of :func:`sparsegrad_topk_grad` in the forms its users need, from one call: ``indices``
+    [3, k] int64 (rows, columns, flat ids; ``indices[:2]`` is a coalesced COO index), ``keys`` [k] (the flat ids as
+    int32 when the weight has fewer than 2^31 entries, else int64: the optimizer's compact-state ids) and
+    ``values`` [k]. On a GPU the selection kernel writes all of them, where deriving them launched three kernels."""
+    return torch.ops.scalerec.sparsegrad_topk_grad_coo(grad_out, x, u_out, u_in, int(k))
 
 
 def sparsegrad_rotated_update_(weight: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor,
@@ -183,6 +205,13 @@ def sparsegrad_topk_grad_reference(grad_out, x, u_out, u_in, k):
     return idx, g[idx]
 
 
+def sparsegrad_topk_grad_coo_reference(grad_out, x, u_out, u_in, k):
+    """Pure-PyTorch reference of :func:`sparsegrad_topk_grad_coo`."""
+    idx, val = sparsegrad_topk_grad_reference(grad_out, x, u_out, u_in, k)
+    cols = x.shape[1]
+    return torch.stack([idx // cols, idx % cols, idx]), idx.to(_key_dtype(grad_out.shape[1] * cols)), val
+
+
 def sparsegrad_rotated_update_reference(weight, u_out, u_in, indices, delta):
     d = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
     d.index_add_(0, indices, delta)
@@ -234,10 +263,10 @@ def sparsegrad_lazy_adam_reference(weights, exp_avg, exp_avg_sq, steps, position
 # same values, so the values' storage identifies it (see take_selection).
 # Keyed by id(weight) with a weak reference to it (a WeakKeyDictionary compares tensors with ==); a record goes
 # when its weight is freed.
-_SELECTIONS: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
+_SELECTIONS: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def _record_selection(weight: torch.Tensor, values: torch.Tensor, ids: torch.Tensor) -> None:
+def _record_selection(weight: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor) -> None:
     key = id(weight)
 
     def gone(ref, key=key):
@@ -245,21 +274,22 @@ def _record_selection(weight: torch.Tensor, values: torch.Tensor, ids: torch.Ten
         if rec is not None and rec[0] is ref:
             del _SELECTIONS[key]
 
-    _SELECTIONS[key] = (weakref.ref(weight, gone), values, ids)
+    _SELECTIONS[key] = (weakref.ref(weight, gone), values, ids, keys)
 
 
-def take_selection(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
-    """The flat ids (ascending, int64) of the entries in the sparse gradient that the last backward of a
-    :func:`sparse_linear` gave ``weight``, if ``values`` are that gradient's values (the same storage: a gradient
-    summed over several backwards has new values and gets None); else None. The record is dropped either way."""
+def take_selection(weight: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(flat ids (ascending, int64), the same as compact-state keys (int32 where the weight allows)) of the entries
+    in the sparse gradient that the last backward of a :func:`sparse_linear` gave ``weight``, if ``values`` are that
+    gradient's values (the same storage: a gradient summed over several backwards has new values and gets None);
+    else None. The record is dropped either way."""
     rec = _SELECTIONS.get(id(weight))
     if rec is None or rec[0]() is not weight:
         return None
     del _SELECTIONS[id(weight)]
-    _, val, idx = rec
+    _, val, idx, keys = rec
     if val.numel() != values.numel() or val.numel() == 0 or val.data_ptr() != values.data_ptr():
         return None
-    return idx
+    return idx, keys
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -312,16 +342,12 @@ class _SparseLinear(torch.autograd.Function):
                     g2, x2 = g2[live], x2[live]
             uo = _as(u_out, cd) if u_out is not None else None
             ui = _as(u_in, cd) if u_in is not None else None
-            fn = sparsegrad_topk_grad_reference if ctx.use_reference else sparsegrad_topk_grad
-            idx, val = fn(_as(g2, cd).contiguous(), _as(x2, cd).contiguous(), uo, ui, ctx.k)
+            fn = sparsegrad_topk_grad_coo_reference if ctx.use_reference else sparsegrad_topk_grad_coo
+            ind, keys, val = fn(_as(g2, cd).contiguous(), _as(x2, cd).contiguous(), uo, ui, ctx.k)
             val = _as(val, grad_y.dtype)
-            cols = w.shape[1]
-            coords = idx.new_empty((2, idx.numel()))  # written in place: two kernels, no stack
-            torch.div(idx, cols, rounding_mode="floor", out=coords[0])
-            torch.remainder(idx, cols, out=coords[1])
-            grad_w = torch.sparse_coo_tensor(coords, val, w.shape, is_coalesced=True, check_invariants=False)
+            grad_w = torch.sparse_coo_tensor(ind[:2], val, w.shape, is_coalesced=True, check_invariants=False)
             if ctx.sparse_grad:
-                _record_selection(w, val, idx)
+                _record_selection(w, val, ind[2], keys)
             else:
                 grad_w = grad_w.to_dense()
         if ctx.has_bias and ctx.needs_input_grad[2]:

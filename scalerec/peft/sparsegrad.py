@@ -313,7 +313,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
             torch._foreach_addcdiv_(ps, ms, denom, value=-lr / (1 - b1 ** t))
 
     def _selection(self, p):
-        """(flat indices, values) of the entries in ``p``'s gradient."""
+        """(flat indices, values, the indices as compact-state keys or None) of the entries in ``p``'s gradient."""
         g = p.grad
         if g.is_sparse:
             # autograd drops the coalesced flag when it stores a sparse gradient, but one backward's selection (k
@@ -323,23 +323,23 @@ class SparseGradOptimizer(torch.optim.Optimizer):
             layer = self._layers.get(id(p))
             if not g.is_coalesced() and not (layer is not None and g._nnz() == layer.k):
                 g = g.coalesce()
-            flat = take_selection(p, g._values())  # the backward's own flat ids, when this is its gradient
-            if flat is None:
-                r, c = g._indices()
-                flat = r * p.shape[1] + c
-            return flat, g._values()
+            taken = take_selection(p, g._values())  # the backward's own flat ids, when this is its gradient
+            if taken is not None:
+                return taken[0], g._values(), taken[1]
+            r, c = g._indices()
+            return r * p.shape[1] + c, g._values(), None
         # a dense gradient (e.g. from another backward): treat its nonzeros as the selected entries
         flat = g.reshape(-1)
         idx = flat.nonzero().squeeze(1)
-        return idx, flat[idx]
+        return idx, flat[idx], None
 
     def _sparse_steps(self, params, lr, b1, b2, eps):
         """Lazy Adam on the selected entries of every rotated weight of the group: the entries and their places in
         the state (dense or compact layout) are found here; the state's gather, the Adam arithmetic, the write-back
         and the layers' dense-weight updates run in one ``sparsegrad_lazy_adam_`` call (or its reference)."""
-        items, step_dtypes = [], []
+        items, step_dtypes, given_keys = [], [], []
         for p in params:
-            idx, val = self._selection(p)
+            idx, val, key = self._selection(p)
             if idx.numel() == 0:
                 continue
             st = self.state[p]
@@ -356,12 +356,13 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                 st["t"] = st["t"].clamp(max=torch.iinfo(tdt).max).to(tdt)  # step_count_dtype), widening too
             items.append((p, st, idx, val))
             step_dtypes.append(tdt)
+            given_keys.append(key)
         if not items:
             return
         if self.state_layout == "dense":
             where = [it[2] for it in items]
         else:
-            where = self._compact_positions(items, step_dtypes)
+            where = self._compact_positions(items, step_dtypes, given_keys)
         layers = [self._layers.get(id(it[0])) for it in items]
         rot = [m if m is not None and m.rotated else None for m in layers]
         step = sparsegrad_lazy_adam_ if self.fused else sparsegrad_lazy_adam_reference
@@ -373,16 +374,19 @@ class SparseGradOptimizer(torch.optim.Optimizer):
             if m is not None:
                 m.accept_weight_change()
 
-    def _compact_positions(self, items, step_dtypes) -> list[torch.Tensor]:
+    def _compact_positions(self, items, step_dtypes, given_keys) -> list[torch.Tensor]:
         """Merge each weight's selected entries into its compact entry set (new ones with zero moments) and return
         their places in it. Room first: a weight's set grows by at most its k selected entries a step, and
         ``st["bound"]`` (host) is an upper bound of its size. Only when some bound leaves no room for this step's
         keys are the exact sizes read: all the weights' in one transfer (so that their bounds stay in phase and the
         next read is at least ``slack_steps // 2`` steps away), and every set with room for fewer steps than that
-        grows to hold ``slack_steps`` steps' worth. int32 entry ids where the weight allows."""
+        grows to hold ``slack_steps`` steps' worth. int32 entry ids where the weight allows (``given_keys``: the
+        selection's own, from the backward, or None)."""
         keys, sets = [], []
-        for (p, st, idx, val), tdt in zip(items, step_dtypes):
-            key = idx.to(torch.int32) if p.numel() < 2**31 else idx
+        for (p, st, idx, val), tdt, key in zip(items, step_dtypes, given_keys):
+            want = torch.int32 if p.numel() < 2**31 else torch.long
+            if key is None or key.dtype != want:
+                key = idx.to(want)
             keys.append(key)
             if "idx" not in st:
                 cap = min(p.numel(), self.slack_steps * key.numel())
