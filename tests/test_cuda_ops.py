@@ -303,6 +303,49 @@ def test_fused_lazy_adam_on_cuda_matches_the_reference():
             torch.testing.assert_close(x.cpu(), z, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("group_mb", [None, "0"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grouped_lazy_adam_on_cuda_matches_the_reference(monkeypatch, dtype, group_mb):
+    """The CUDA lazy-Adam operator updates the weights that share their bases together (one zero matrix of all
+    their changes, one GEMM through U_out for the group, one through U_in per weight): against the Python reference
+    on the CPU, with two groups (3 and 2 weights sharing bases), a MeProp weight, a weight with no entries, repeated
+    indices in one weight (summed), and groups split one weight at a time (SCALEREC_SPARSEGRAD_GROUP_MB=0)."""
+    from scalerec.ops.sparse_grad import sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference
+
+    if group_mb is not None:
+        monkeypatch.setenv("SCALEREC_SPARSEGRAD_GROUP_MB", group_mb)
+    g = torch.Generator().manual_seed(8)
+    orth = lambda n: torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0].to(dtype)  # noqa: E731
+    ua, va, ub, vb = orth(24), orth(16), orth(16), orth(24)
+    shapes = [(24, 16)] * 3 + [(16, 24)] * 2 + [(10, 7), (24, 16)]
+    uo = [ua, ua, ua, ub, ub, None, ua]
+    ui = [va, va, va, vb, vb, None, va]
+    ks = [30, 5, 40, 17, 33, 9, 0]
+    ws = [torch.randn(o, i, generator=g, dtype=torch.float64).to(dtype) for o, i in shapes]
+    idx = [torch.randperm(o * i, generator=g)[:k].sort().values for (o, i), k in zip(shapes, ks)]
+    idx[1] = torch.tensor([3, 3, 50, 51, 51])  # repeated entries add up (as index_add does)
+    pos = [i.clone() for i in idx]
+    pos[1] = torch.tensor([0, 1, 2, 3, 4])  # distinct state slots
+    vals = [torch.randn(k, generator=g, dtype=torch.float64).to(dtype) for k in ks]
+    ms = [torch.rand(o * i, generator=g, dtype=torch.float64).to(dtype) * 0.1 for o, i in shapes]
+    vs = [torch.rand(o * i, generator=g, dtype=torch.float64).to(dtype) * 0.01 for o, i in shapes]
+    ts = [torch.randint(0, 4, (o * i,), generator=g, dtype=torch.int32) for o, i in shapes]
+
+    def case(dev):
+        on = lambda xs: [None if x is None else x.clone().to(dev) for x in xs]  # noqa: E731
+        return [on(ws), on(ms), on(vs), on(ts), on(pos), on(idx), on(vals), on(uo), on(ui)]
+
+    gpu, cpu = case(DEV), case("cpu")
+    for _ in range(2):
+        sparsegrad_lazy_adam_(*gpu, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+        sparsegrad_lazy_adam_reference(*cpu, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for a, c in zip(gpu[:4], cpu[:4]):
+        for x, z in zip(a, c):
+            torch.testing.assert_close(x.cpu(), z, **tol)
+    assert torch.equal(gpu[0][6].cpu(), ws[6])  # no entries: untouched
+
+
 @pytest.mark.parametrize("dtype,step_dtype", [(torch.float32, torch.int32), (torch.bfloat16, torch.int32),
                                               (torch.float32, torch.int16)])
 def test_adam_entries_kernel_on_cuda(dtype, step_dtype):
