@@ -47,15 +47,24 @@ at::Tensor adam_entries(const at::Tensor& m, const at::Tensor& v, const at::Tens
 
 }  // namespace
 
+// The argument lists' lengths (also used by the CUDA implementation, csrc/cuda/sparsegrad_lazy_adam.cu).
+void check_lazy_adam_lists(at::TensorList weights, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                           at::TensorList steps, at::TensorList positions, at::TensorList indices,
+                           at::TensorList values, const c10::List<std::optional<at::Tensor>>& u_out,
+                           const c10::List<std::optional<at::Tensor>>& u_in) {
+  const size_t n = weights.size();
+  TORCH_CHECK(exp_avg.size() == n && exp_avg_sq.size() == n && steps.size() == n && positions.size() == n &&
+                  indices.size() == n && values.size() == n && u_out.size() == n && u_in.size() == n,
+              "sparsegrad_lazy_adam_: every list must have one entry per weight (", n, ")");
+}
+
 void sparsegrad_lazy_adam_(at::TensorList weights, at::TensorList exp_avg, at::TensorList exp_avg_sq,
                            at::TensorList steps, at::TensorList positions, at::TensorList indices,
                            at::TensorList values, const c10::List<std::optional<at::Tensor>>& u_out,
                            const c10::List<std::optional<at::Tensor>>& u_in, double lr, double beta1, double beta2,
                            double eps) {
+  check_lazy_adam_lists(weights, exp_avg, exp_avg_sq, steps, positions, indices, values, u_out, u_in);
   const size_t n = weights.size();
-  TORCH_CHECK(exp_avg.size() == n && exp_avg_sq.size() == n && steps.size() == n && positions.size() == n &&
-                  indices.size() == n && values.size() == n && u_out.size() == n && u_in.size() == n,
-              "sparsegrad_lazy_adam_: every list must have one entry per weight (", n, ")");
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& w = weights[i];
     const at::Tensor& pos = positions[i];

@@ -39,6 +39,10 @@ void sparsegrad_lazy_adam_(at::TensorList weights, at::TensorList exp_avg, at::T
                            at::TensorList values, const c10::List<std::optional<at::Tensor>>& u_out,
                            const c10::List<std::optional<at::Tensor>>& u_in, double lr, double beta1, double beta2,
                            double eps);  // csrc/sparsegrad_adam.cpp: the device-generic loop
+void check_lazy_adam_lists(at::TensorList weights, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                           at::TensorList steps, at::TensorList positions, at::TensorList indices,
+                           at::TensorList values, const c10::List<std::optional<at::Tensor>>& u_out,
+                           const c10::List<std::optional<at::Tensor>>& u_in);  // csrc/sparsegrad_adam.cpp
 
 namespace {
 
@@ -101,10 +105,8 @@ void sparsegrad_lazy_adam_cuda(at::TensorList weights, at::TensorList exp_avg, a
                                at::TensorList values, const c10::List<std::optional<at::Tensor>>& u_out,
                                const c10::List<std::optional<at::Tensor>>& u_in, double lr, double beta1, double beta2,
                                double eps) {
+  check_lazy_adam_lists(weights, exp_avg, exp_avg_sq, steps, positions, indices, values, u_out, u_in);
   const size_t n = weights.size();
-  TORCH_CHECK(exp_avg.size() == n && exp_avg_sq.size() == n && steps.size() == n && positions.size() == n &&
-                  indices.size() == n && values.size() == n && u_out.size() == n && u_in.size() == n,
-              "sparsegrad_lazy_adam_: every list must have one entry per weight (", n, ")");
   if (n == 0) return;
   c10::cuda::CUDAGuard guard(weights[0].device());
   // the rotated weights by their bases (and shape and dtype), in order of first appearance
