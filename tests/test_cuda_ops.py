@@ -303,16 +303,19 @@ def test_fused_lazy_adam_on_cuda_matches_the_reference():
             torch.testing.assert_close(x.cpu(), z, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("group_mb", [None, "0"])
+@pytest.mark.parametrize("group_mb", [None, "0", "generic"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_grouped_lazy_adam_on_cuda_matches_the_reference(monkeypatch, dtype, group_mb):
     """The CUDA lazy-Adam operator updates the weights that share their bases together (one zero matrix of all
     their changes, one GEMM through U_out for the group, one through U_in per weight): against the Python reference
     on the CPU, with two groups (3 and 2 weights sharing bases), a MeProp weight, a weight with no entries, repeated
-    indices in one weight (summed), and groups split one weight at a time (SCALEREC_SPARSEGRAD_GROUP_MB=0)."""
+    indices in one weight (summed), and groups split one weight at a time (SCALEREC_SPARSEGRAD_GROUP_MB=0); the
+    per-weight loop (SCALEREC_SPARSEGRAD_LAZY_ADAM=generic) too."""
     from scalerec.ops.sparse_grad import sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference
 
-    if group_mb is not None:
+    if group_mb == "generic":  # the per-weight loop, kept for comparison
+        monkeypatch.setenv("SCALEREC_SPARSEGRAD_LAZY_ADAM", "generic")
+    elif group_mb is not None:
         monkeypatch.setenv("SCALEREC_SPARSEGRAD_GROUP_MB", group_mb)
     g = torch.Generator().manual_seed(8)
     orth = lambda n: torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0].to(dtype)  # noqa: E731

@@ -10,7 +10,8 @@
 // Adam kernel, then zeros, index_add and two GEMMs in sparsegrad_rotated_update_). A weight without rotations
 // (MeProp) gets its changes added in the same kernel: 1 launch instead of 2. A group's D and R take 2 L O I
 // elements; L is capped so that D stays within SCALEREC_SPARSEGRAD_GROUP_MB (default 32) MiB, one weight at least.
-// No host sync. Indices may repeat (atomic adds; a coalesced gradient's do not).
+// No host sync. Indices may repeat (atomic adds; a coalesced gradient's do not). SCALEREC_SPARSEGRAD_LAZY_ADAM=generic
+// switches to the per-weight loop, for comparison in one lease.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/Atomic.cuh>
@@ -23,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <optional>
 #include <tuple>
@@ -98,6 +100,15 @@ int64_t group_bytes_cap() {
   return static_cast<int64_t>(mb * double(1 << 20));
 }
 
+// SCALEREC_SPARSEGRAD_LAZY_ADAM=generic runs the device-generic per-weight loop instead (for comparison)
+bool use_generic_loop() {
+  const char* s = std::getenv("SCALEREC_SPARSEGRAD_LAZY_ADAM");
+  if (s == nullptr || s[0] == '\0' || std::strcmp(s, "grouped") == 0) return false;
+  TORCH_CHECK(std::strcmp(s, "generic") == 0, "SCALEREC_SPARSEGRAD_LAZY_ADAM must be 'grouped' (the default) or "
+              "'generic', got '", s, "'");
+  return true;
+}
+
 }  // namespace
 
 void sparsegrad_lazy_adam_cuda(at::TensorList weights, at::TensorList exp_avg, at::TensorList exp_avg_sq,
@@ -108,6 +119,11 @@ void sparsegrad_lazy_adam_cuda(at::TensorList weights, at::TensorList exp_avg, a
   check_lazy_adam_lists(weights, exp_avg, exp_avg_sq, steps, positions, indices, values, u_out, u_in);
   const size_t n = weights.size();
   if (n == 0) return;
+  if (use_generic_loop()) {
+    sparsegrad_lazy_adam_(weights, exp_avg, exp_avg_sq, steps, positions, indices, values, u_out, u_in, lr, beta1,
+                          beta2, eps);
+    return;
+  }
   c10::cuda::CUDAGuard guard(weights[0].device());
   // the rotated weights by their bases (and shape and dtype), in order of first appearance
   std::map<std::tuple<const void*, const void*, int64_t, int64_t, int>, size_t> slot;
