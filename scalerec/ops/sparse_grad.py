@@ -37,7 +37,7 @@ def _topk_grad_coo_fake(grad_out, x, u_out, u_in, k):
     torch._check(grad_out.dim() == 2 and x.dim() == 2)
     n = grad_out.shape[1] * x.shape[1]
     torch._check(1 <= k <= n)
-    return (x.new_empty((3, k), dtype=torch.long), x.new_empty((k,), dtype=_key_dtype(n)), x.new_empty((k,)))
+    return (x.new_empty((3, k), dtype=torch.long), x.new_empty((k,), dtype=compact_key_dtype(n)), x.new_empty((k,)))
 
 
 @torch.library.register_fake("scalerec::sparsegrad_rotated_update_")
@@ -73,7 +73,7 @@ def sparsegrad_topk_grad(grad_out: torch.Tensor, x: torch.Tensor, u_out: torch.T
     return torch.ops.scalerec.sparsegrad_topk_grad(grad_out, x, u_out, u_in, int(k))
 
 
-def _key_dtype(n: int) -> torch.dtype:
+def compact_key_dtype(n: int) -> torch.dtype:
     """The dtype of the flat entry ids of a weight with ``n`` entries in the optimizer's compact state."""
     return torch.int32 if n < 2**31 else torch.long
 
@@ -209,7 +209,7 @@ def sparsegrad_topk_grad_coo_reference(grad_out, x, u_out, u_in, k):
     """Pure-PyTorch reference of :func:`sparsegrad_topk_grad_coo`."""
     idx, val = sparsegrad_topk_grad_reference(grad_out, x, u_out, u_in, k)
     cols = x.shape[1]
-    return torch.stack([idx // cols, idx % cols, idx]), idx.to(_key_dtype(grad_out.shape[1] * cols)), val
+    return torch.stack([idx // cols, idx % cols, idx]), idx.to(compact_key_dtype(grad_out.shape[1] * cols)), val
 
 
 def sparsegrad_rotated_update_reference(weight, u_out, u_in, indices, delta):
@@ -257,10 +257,11 @@ def sparsegrad_lazy_adam_reference(weights, exp_avg, exp_avg_sq, steps, position
 
 
 # --------------------------------------------------------------------------- the differentiable layer op
-# The last sparse gradient's flat entry ids, per weight: (its values, the ids). The optimizer needs the entries as
-# flat ids, which the COO gradient holds only as (row, col) pairs; on a GPU re-deriving them is two more kernel
-# launches per weight and step in a host-bound loop. Autograd stores the gradient as a new sparse tensor over the
-# same values, so the values' storage identifies it (see take_selection).
+# The last sparse gradient's entries, per weight: (a weak reference to the weight, the gradient's values, the flat
+# ids, the compact-state keys). The optimizer needs the entries as flat ids and keys, which the COO gradient holds
+# only as (row, col) pairs; on a GPU re-deriving them is three more kernel launches per weight and step in a
+# host-bound loop. Autograd stores the gradient as a new sparse tensor over the same values, so the values' storage
+# identifies it (see take_selection).
 # Keyed by id(weight) with a weak reference to it (a WeakKeyDictionary compares tensors with ==); a record goes
 # when its weight is freed.
 _SELECTIONS: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor, torch.Tensor]] = {}

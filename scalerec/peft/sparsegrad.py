@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from scalerec.ops.sparse_grad import (sparsegrad_compact_merge, sparsegrad_compact_merge_reference,
-                                      sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference, step_count_dtype,
-                                      take_selection)
+                                      compact_key_dtype, sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference,
+                                      step_count_dtype, take_selection)
 from scalerec.peft.config import GRAD_DTYPES, MePropConfig, SparseGradConfig, find_targets
 from scalerec.peft.layers import SparseGradLinear
 
@@ -384,7 +384,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
         selection's own, from the backward, or None)."""
         keys, sets = [], []
         for (p, st, idx, val), tdt, key in zip(items, step_dtypes, given_keys):
-            want = torch.int32 if p.numel() < 2**31 else torch.long
+            want = compact_key_dtype(p.numel())
             if key is None or key.dtype != want:
                 key = idx.to(want)
             keys.append(key)
