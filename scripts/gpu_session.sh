@@ -39,16 +39,18 @@ grep -E "^FAILED|passed|failed" "$R/cuda_tests.log" | cut -c1-200 | tee -a "$LOG
 # a failing new path is measured with the old one instead (and the failure is in the log)
 if grep -q "^FAILED.*\(radix\|torch_topk\)" "$R/cuda_tests.log"; then export SCALEREC_SPARSEGRAD_SELECT=torch; say "radix select FAILED: at::topk used"; fi
 if grep -q "^FAILED.*grouped_lazy_adam" "$R/cuda_tests.log"; then export SCALEREC_SPARSEGRAD_LAZY_ADAM=generic; say "grouped lazy Adam FAILED: generic loop used"; fi
+STATE=auto  # the compact lazy-Adam state (bitmap merge, csrc/cuda/sparsegrad_compact_merge.cu); dense if its tests fail
+if grep -q "^FAILED.*compact" "$R/cuda_tests.log"; then STATE=dense; say "compact merge FAILED: dense lazy-Adam state used"; fi
 
 # ---- 2. where the step goes: the new paths (radix select, grouped lazy Adam) against the old ones, same lease
-P=(benchmarks/sparsegrad_profile.py --device cuda --model "$MINILM" --steps 20)
+P=(benchmarks/sparsegrad_profile.py --device cuda --model "$MINILM" --steps 20 --sparse-state $STATE)
 timeout 90 $PY "${P[@]}" --methods lora,sparsegrad --out "$R/profile_radix.json" > "$R/profile_radix.log" 2>&1
 SCALEREC_SPARSEGRAD_SELECT=torch SCALEREC_SPARSEGRAD_LAZY_ADAM=generic timeout 60 $PY "${P[@]}" --methods sparsegrad \
   --out "$R/profile_torch_topk.json" > "$R/profile_torch_topk.log" 2>&1
 for f in radix torch_topk; do say "profile ($f):"; grep -E "^==|ms  x" "$R/profile_$f.log" | head -18 | cut -c1-160 | tee -a "$LOG"; done
 
 # ---- 3. the benchmark: 3 seeds, 300 steps, batch 32 x 64 (steps/s, GPU peak memory, dev accuracy)
-SG=(--device cuda --model "$MINILM" --steps 300 --batch-size 32 --max-length 64)
+SG=(--device cuda --model "$MINILM" --steps 300 --batch-size 32 --max-length 64 --sparse-state $STATE)
 timeout $(( $(left) > 240 ? 240 : $(left) )) $PY benchmarks/sparsegrad_sst2.py "${SG[@]}" --methods lora,sparsegrad \
   --seeds 3 --out "$R/sparsegrad.json" 2>&1 | grep -v Warning | tail -7 | cut -c1-400 | tee -a "$LOG"
 say "done"

@@ -379,15 +379,16 @@ def test_adam_entries_kernel_on_cuda(dtype, step_dtype):
 @pytest.mark.parametrize("dtype,step_dtype", [(torch.int32, torch.int32), (torch.int64, torch.int32),
                                               (torch.int32, torch.int16)])
 def test_compact_merge_on_cuda_matches_cpu(dtype, step_dtype):
-    """The sync-free CUDA merge of new entries into a compact lazy-Adam state equals the CPU kernel (and so its
-    reference) on random sets: empty, partly full, keys all known, all new, and a merge that fills the buffer."""
+    """The sync-free CUDA merge of new entries into a compact lazy-Adam state (bitmap + slots in id order) equals
+    the CPU kernel (and so its reference) on random sets: empty, partly full, keys all known, all new, keys at word
+    edges, whole words without new entries, and a merge that fills the buffer."""
     from scalerec.ops.sparse_grad import sparsegrad_compact_merge
 
-    for case in _compact_merge_cases(dtype, step_dtype):
-        cpu = sparsegrad_compact_merge(*case)
-        gpu = sparsegrad_compact_merge(*[x.to(DEV) for x in case])
+    for *tensors, n in _compact_merge_cases(dtype, step_dtype):
+        cpu = sparsegrad_compact_merge(*tensors, n)
+        gpu = sparsegrad_compact_merge(*[x.to(DEV) for x in tensors], n)
         for a, b in zip(cpu, gpu):
-            assert torch.equal(a, b.cpu())
+            assert b.device.type == "cuda" and torch.equal(a, b.cpu())
 
 
 def test_compact_and_dense_state_train_alike_on_cuda():

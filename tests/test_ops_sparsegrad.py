@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from scalerec.ops.sparse_grad import (sparse_linear, sparsegrad_compact_merge, sparsegrad_compact_merge_reference,
+from scalerec.ops.sparse_grad import (compact_entry_ids, compact_words, sparse_linear, sparsegrad_compact_merge,
+                                      sparsegrad_compact_merge_reference,
                                       sparsegrad_rotated_update_, sparsegrad_rotated_update_reference,
                                       sparsegrad_topk_grad, sparsegrad_topk_grad_reference)
 
@@ -320,86 +321,104 @@ def test_topk_grad_large_matrix_selection(case):
     assert torch.equal(val, G.flatten()[want])
 
 
-def _compact_state(known, capacity, dtype, seed=0, step_dtype=torch.int32):
-    """A compact lazy-Adam state of the given capacity holding the sorted ids ``known`` (random moments and step
-    counts), sentinels and zero state after them."""
+def _compact_state(known, capacity, n, seed=0, step_dtype=torch.int32):
+    """A compact lazy-Adam state of a weight with ``n`` entries and the given capacity holding the ids ``known``
+    (random moments and step counts in slots [0, len(known)), zeros after) and their bitmap."""
     g = torch.Generator().manual_seed(seed)
-    n = len(known)
-    idx = torch.full((capacity,), torch.iinfo(dtype).max, dtype=dtype)
-    idx[:n] = torch.tensor(sorted(known), dtype=dtype)
+    c = len(known)
+    words = compact_words(torch.tensor(sorted(known), dtype=torch.long), n)
     m, v, t = torch.zeros(capacity), torch.zeros(capacity), torch.zeros(capacity, dtype=step_dtype)
-    m[:n], v[:n] = torch.randn(n, generator=g), torch.rand(n, generator=g)
-    t[:n] = torch.randint(1, 50, (n,), generator=g, dtype=step_dtype)
-    return idx, m, v, t
+    m[:c], v[:c] = torch.randn(c, generator=g), torch.rand(c, generator=g)
+    t[:c] = torch.randint(1, 50, (c,), generator=g, dtype=step_dtype)
+    return words, m, v, t
 
 
 def _compact_merge_cases(dtype, step_dtype=torch.int32):
-    """(idx, m, v, t, keys) cases: empty set, partly full, all keys known, all new, one that fills the buffer exactly,
-    keys below / between / above the known ids, no keys, and random ones."""
+    """(words, m, v, t, keys, n) cases: empty set, partly full, all keys known, all new, one that fills the buffer
+    exactly, keys below / between / above the known ids and at word edges (63, 64, 127, n - 1), no keys, whole
+    words without a new entry, and random ones."""
     k = lambda *ids: torch.tensor(ids, dtype=dtype)  # noqa: E731
-    st = lambda known, cap, seed=0: _compact_state(known, cap, dtype, seed, step_dtype)  # noqa: E731
+    st = lambda known, cap, n=300, seed=0: _compact_state(known, cap, n, seed, step_dtype)  # noqa: E731
     cases = [
-        (*st([], 5), k(3, 9, 40)),
-        (*st([4, 8, 30], 8), k(0, 8, 9, 31)),
-        (*st([4, 8, 30], 4), k(4, 8, 30)),
-        (*st([4, 8, 30], 6), k(1, 5, 31)),           # fills the buffer exactly
-        (*st([10, 20], 6), k(0, 1, 2, 3)),
-        (*st([10, 20], 3), k()),
+        (*st([], 5), k(3, 9, 40), 300),
+        (*st([4, 8, 30], 8), k(0, 8, 9, 31), 300),
+        (*st([4, 8, 30], 4), k(4, 8, 30), 300),
+        (*st([4, 8, 30], 6), k(1, 5, 31), 300),           # fills the buffer exactly
+        (*st([10, 20], 6), k(0, 1, 2, 3), 300),
+        (*st([10, 20], 3), k(), 300),
+        (*st([63, 64, 200], 9, n=201), k(0, 62, 64, 127, 128, 199, 200), 201),
+        (*st([0], 2, n=1), k(0), 1),
+        (*st(list(range(0, 256, 3)), 120, n=256), k(3, 6, 129, 130), 256),  # words 0 and 3 keep their entries
     ]
     g = torch.Generator().manual_seed(1)
     for r in range(20):
-        n_ids = 300
-        known = torch.randperm(n_ids, generator=g)[:int(torch.randint(0, 60, (1,), generator=g))].tolist()
+        n_ids = 300 if r % 2 else 1000
+        known = torch.randperm(n_ids, generator=g)[:int(torch.randint(0, 60 if r % 2 else 700, (1,), generator=g))]
         keys = torch.randperm(n_ids, generator=g)[:int(torch.randint(0, 50, (1,), generator=g))].sort().values
-        cases.append((*st(known, len(known) + 50, seed=r), keys.to(dtype)))
+        cases.append((*st(known.tolist(), len(known) + 50, n=n_ids, seed=r), keys.to(dtype), n_ids))
     return cases
 
 
 @pytest.mark.parametrize("dtype,step_dtype", [(torch.int32, torch.int32), (torch.int64, torch.int32),
                                               (torch.int32, torch.int16)])
 def test_compact_merge_matches_reference(dtype, step_dtype):
-    """The C++ merge of a step's selection into a compact lazy-Adam state equals its sort-based reference, keeps
-    the set sorted with sentinels after it, carries each known entry's state, zeroes the new ones' and returns each
-    key's place."""
-    sent = torch.iinfo(dtype).max
-    for idx, m, v, t, keys in _compact_merge_cases(dtype, step_dtype):
-        out = sparsegrad_compact_merge(idx, m, v, t, keys)
-        ref = sparsegrad_compact_merge_reference(idx, m, v, t, keys)
+    """The C++ merge of a step's selection into a compact lazy-Adam state equals its reference, sets the keys' bits,
+    keeps the state in ascending id order with zero room after it, carries each known entry's state, zeroes the new
+    ones' and returns each key's slot and the merged size."""
+    for words, m, v, t, keys, n in _compact_merge_cases(dtype, step_dtype):
+        out = sparsegrad_compact_merge(words, m, v, t, keys, n)
+        ref = sparsegrad_compact_merge_reference(words, m, v, t, keys, n)
         for a, b in zip(out, ref):
             assert torch.equal(a, b)
-        idx2, m2, v2, t2, pos = out
-        assert pos.dtype == torch.long and t2.dtype == step_dtype and torch.equal(idx2[pos], keys)
-        known = set(idx[idx != sent].tolist())
-        union = sorted(known | set(keys.tolist()))
-        assert idx2[:len(union)].tolist() == union and bool((idx2[len(union):] == sent).all())
+        words2, m2, v2, t2, pos, count = out
+        assert pos.dtype == torch.long and t2.dtype == step_dtype and count.dtype == torch.long and count.dim() == 0
+        known = compact_entry_ids(words, n).tolist()
+        union = sorted(set(known) | set(keys.tolist()))
+        assert compact_entry_ids(words2, n).tolist() == union and int(count) == len(union)
+        assert [union[i] for i in pos.tolist()] == keys.tolist()
         for i, e in enumerate(union):
             if e in known:
-                j = idx.tolist().index(e)
+                j = known.index(e)
                 assert (m2[i], v2[i], t2[i]) == (m[j], v[j], t[j])
             else:
                 assert (m2[i], v2[i], t2[i]) == (0, 0, 0)
-        assert not m2[len(union):].any() and not t2[len(union):].any()
-        assert idx.numel() == idx2.numel()  # the capacity is the caller's
+        assert not m2[len(union):].any() and not v2[len(union):].any() and not t2[len(union):].any()
+        assert m.numel() == m2.numel() and words.numel() == words2.numel()  # the capacity is the caller's
+
+
+def test_compact_words_round_trip():
+    ids = torch.tensor([0, 1, 62, 63, 64, 127, 128, 250])
+    words = compact_words(ids, 251)
+    assert words.dtype == torch.long and words.numel() == 4 and int(words[0]) == (1 | 2 | 1 << 62) - 2**63
+    assert torch.equal(compact_entry_ids(words, 251), ids)
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 251\)"):
+        compact_words(torch.tensor([251]), 251)
 
 
 def test_compact_merge_rejects_bad_input():
-    idx, m, v, t = _compact_state([4, 8], 3, torch.int32)
-    with pytest.raises(RuntimeError, match="entry set is full"):
-        sparsegrad_compact_merge(idx, m, v, t, torch.tensor([1, 5], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="entry set is full"):
-        sparsegrad_compact_merge_reference(idx, m, v, t, torch.tensor([1, 5], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="strictly ascending"):
-        sparsegrad_compact_merge(idx, m, v, t, torch.tensor([5, 1], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="must be in"):
-        sparsegrad_compact_merge(idx, m, v, t, torch.tensor([-1], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="keys must have idx's dtype"):
-        sparsegrad_compact_merge(idx, m, v, t, torch.tensor([1]))
+    words, m, v, t = _compact_state([4, 8], 3, 100)
+    for merge in (sparsegrad_compact_merge, sparsegrad_compact_merge_reference):
+        with pytest.raises(RuntimeError, match="entry set is full"):
+            merge(words, m, v, t, torch.tensor([1, 5], dtype=torch.int32), 100)
+        with pytest.raises(RuntimeError, match="strictly ascending"):
+            merge(words, m, v, t, torch.tensor([5, 1], dtype=torch.int32), 100)
+        with pytest.raises(RuntimeError, match=r"must be in \[0, 100\)"):
+            merge(words, m, v, t, torch.tensor([-1], dtype=torch.int32), 100)
+        with pytest.raises(RuntimeError, match=r"must be in \[0, 100\)"):
+            merge(words, m, v, t, torch.tensor([100]), 100)
+        with pytest.raises(RuntimeError, match="ceil"):
+            merge(words, m, v, t, torch.tensor([1]), 200)
+        bad = words.clone()
+        bad[1] |= 1 << 40  # entry 104 of a weight with 100 entries
+        with pytest.raises(RuntimeError, match="bits set at or beyond n"):
+            merge(bad, m, v, t, torch.tensor([1]), 100)
+        many = compact_words(torch.tensor([1, 2, 3, 4]), 100)  # 4 entries in buffers of 3
+        with pytest.raises(RuntimeError, match="more entries than the buffers|entry set is full"):
+            merge(many, m, v, t, torch.tensor([], dtype=torch.long), 100)
     with pytest.raises(RuntimeError, match="one length"):
-        sparsegrad_compact_merge(idx, m[:2], v, t, torch.tensor([1], dtype=torch.int32))
-    bad = idx.clone()
-    bad[0], bad[1] = 8, 4
-    with pytest.raises(RuntimeError, match="idx must be strictly ascending"):
-        sparsegrad_compact_merge(bad, m, v, t, torch.tensor([1], dtype=torch.int32))
+        sparsegrad_compact_merge(words, m[:2], v, t, torch.tensor([1], dtype=torch.int32), 100)
+    with pytest.raises(RuntimeError, match="words must be int64"):
+        sparsegrad_compact_merge(words.int(), m, v, t, torch.tensor([1], dtype=torch.int32), 100)
 
 
 @pytest.mark.parametrize("live_rows", [[0, 40], list(range(0, 64, 2)), list(range(64))])

@@ -35,4 +35,4 @@ def test_live_tensor_bytes_of_model_and_optimizer_state():
     # parameters, their gradients, and Adam's two moments (its float step counts: 4 bytes each)
     assert live_tensor_bytes(model=lin, optimizer=opt) == 4 * params + 2 * 4
     with pytest.raises(ValueError, match="tensor_memory needs device=cpu"):
-        FinetuneSettings(method="lora", steps=3, tensor_memory=True)
+        FinetuneSettings(method="lora", steps=3, tensor_memory=True, device="cuda:0")

@@ -58,12 +58,9 @@ def test_minilm_sparsegrad_exact_then_sparse_steps_then_revert():
         torch.testing.assert_close(model(**probe).logits, trained, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["sparsegrad", "lora"])
-def test_finetune_command_on_a_tiny_bert(tmp_path, capsys, method):
-    """``scalerec finetune`` end to end on a tiny random BERT saved with MiniLM's tokenizer."""
+def _tiny_bert_folder(tmp_path):
+    """A tiny random BERT classifier saved with MiniLM's tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from scalerec.cli import main
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -71,6 +68,37 @@ def test_finetune_command_on_a_tiny_bert(tmp_path, capsys, method):
     folder = tmp_path / "tiny"
     BertForSequenceClassification(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["sparsegrad", "lora"])
+def test_tensor_memory_measures_the_longest_batch_and_leaves_the_run_alone(tmp_path, method):
+    """``tensor_memory``: the live-tensor peak of a step at the run's longest batch with the final optimizer state,
+    taken after the run; the model it returns is the one trained without the measurement, bit for bit."""
+    from scalerec.peft.train import FinetuneSettings, run_finetune
+
+    folder = _tiny_bert_folder(tmp_path)
+    base = dict(method=method, model=str(folder), task="sst2", steps=6, batch_size=8, calibration_steps=2,
+                train_limit=64, eval_limit=24, max_length=24, density=0.05, seed=3)
+    runs = {tm: run_finetune(FinetuneSettings(**base, tensor_memory=tm), progress=False, keep_model=True)
+            for tm in (False, True)}
+    plain, measured = runs[False], runs[True]
+    assert "tensor_peak_mb" not in plain
+    assert measured["tensor_peak_mb"] > measured["tensor_model_mb"] > 0
+    assert 8 * 2 <= measured["tensor_peak_tokens"] <= 8 * 24  # a whole batch, at most max_length long
+    assert measured["dev_accuracy"] == plain["dev_accuracy"]
+    a, b = plain["_model"].state_dict(), measured["_model"].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["sparsegrad", "lora"])
+def test_finetune_command_on_a_tiny_bert(tmp_path, capsys, method):
+    """``scalerec finetune`` end to end on a tiny random BERT saved with MiniLM's tokenizer."""
+    from transformers import BertForSequenceClassification
+
+    from scalerec.cli import main
+
+    folder = _tiny_bert_folder(tmp_path)
     metrics = tmp_path / "m.jsonl"
     rc = main(["finetune", "--method", method, "--model", str(folder), "--task", "sst2", "--metrics", str(metrics),
                "--no-progress", "--json", "steps=4", "batch_size=8", "calibration_steps=2", "train_limit=64",

@@ -9,6 +9,7 @@ import torch.nn as nn
 from scalerec.peft import (MePropConfig, SparseGradConfig, SparseGradLinear, SparseGradOptimizer, apply_lora,
                            apply_meprop, apply_sparsegrad, calibrate_bases, count_trainable, find_targets,
                            freeze_except_head, matched_lora_rank, revert_sparsegrad, sparse_layers)
+from scalerec.ops.sparse_grad import compact_entry_ids
 
 transformers = pytest.importorskip("transformers")
 
@@ -195,13 +196,13 @@ def test_dense_and_compact_adam_state_give_identical_updates():
     for (n, a), (_, c) in zip(sparse_layers(models["compact"]), sparse_layers(models["dense"])):
         assert torch.equal(a.weight, c.weight), n
         sa, sc = opts["compact"].state[a.weight], opts["dense"].state[c.weight]
-        assert sc["m"].shape == (a.weight.numel(),) and "idx" not in sc
-        real = sa["idx"] != torch.iinfo(sa["idx"].dtype).max  # the set's entries; the rest of its buffer is room
-        n_set = int(real.sum())
-        assert n_set > a.k  # the compact set holds the union of several steps' selections
-        assert bool(real[:n_set].all()) and torch.equal(sa["idx"][:n_set], sa["idx"][:n_set].sort().values)
-        ids = sa["idx"][:n_set].long()
-        assert torch.equal(sc["m"][ids], sa["m"][:n_set]) and torch.equal(sc["t"][ids], sa["t"][:n_set])
+        assert sc["m"].shape == (a.weight.numel(),) and "words" not in sc
+        ids = compact_entry_ids(sa["words"], a.weight.numel())  # the set's entries, in slot order
+        n_set = ids.numel()
+        assert n_set > a.k and int(sa["count"]) == n_set  # the union of several steps' selections
+        assert sa["words"].numel() == -(-a.weight.numel() // 64) and sa["m"].numel() >= n_set
+        assert torch.equal(sc["m"][ids], sa["m"][:n_set]) and torch.equal(sc["v"][ids], sa["v"][:n_set])
+        assert torch.equal(sc["t"][ids], sa["t"][:n_set])
         assert int(sc["t"].count_nonzero()) == n_set and int(sa["t"][:n_set].count_nonzero()) == n_set
         assert not sa["m"][n_set:].any() and not sa["t"][n_set:].any()  # spare room holds no state
         assert sa["t"].dtype == sc["t"].dtype == torch.int16
@@ -243,18 +244,20 @@ def test_compact_state_room_is_checked_rarely_and_grows_exactly():
         for (n, a), (_, c) in zip(sparse_layers(runs[name][0]), sparse_layers(runs["dense"][0])):
             assert torch.equal(a.weight, c.weight), (name, n)
             st = runs[name][1].state[a.weight]
-            assert st["idx"].numel() >= int(st["t"].count_nonzero()) > 2 * a.k
-    # an old-format state: the sets cut to their entries, no "bound", int32 step counts; the next steps equal the
-    # dense layout's
+            assert st["m"].numel() >= int(st["count"]) == int(st["t"].count_nonzero()) > 2 * a.k
+    # an old-format state (sorted ids, no bitmap): the sets cut to their entries, no "bound", int32 ids and step
+    # counts; the next steps equal the dense layout's
     model, opt = runs["slack4"]
     saved = opt.state_dict()
-    for i, st in enumerate(s for s in saved["state"].values() if "idx" in s):
+    for i, (st, (_, a)) in enumerate(zip((s for s in saved["state"].values() if "words" in s), sparse_layers(model))):
+        ids = compact_entry_ids(st.pop("words"), a.weight.numel())
+        del st["count"]
         if i == 0:  # one set with its room, its ids (and sentinels) saved as int64
-            st["idx"] = st["idx"].long().masked_fill(st["idx"] == torch.iinfo(torch.int32).max,
-                                                     torch.iinfo(torch.int64).max)
+            st["idx"] = torch.full_like(st["m"], torch.iinfo(torch.int64).max, dtype=torch.int64)
+            st["idx"][:ids.numel()] = ids
             continue
-        n = int(st["t"].count_nonzero())
-        st.update(idx=st["idx"][:n].clone(), m=st["m"][:n].clone(), v=st["v"][:n].clone(), t=st["t"][:n].int())
+        n = ids.numel()
+        st.update(idx=ids.int(), m=st["m"][:n].clone(), v=st["v"][:n].clone(), t=st["t"][:n].int())
         del st["bound"]
     old = SparseGradOptimizer(model, lr=1e-2, state_layout="compact")
     old.load_state_dict(saved)
@@ -271,7 +274,7 @@ def test_compact_state_room_is_checked_rarely_and_grows_exactly():
             o.zero_grad()
     for (n, a), (_, c) in zip(sparse_layers(model), sparse_layers(dense_model)):
         assert torch.equal(a.weight, c.weight), n
-    assert all(st["idx"].dtype == torch.int32 for st in old.state.values() if "idx" in st)  # back to int32 ids
+    assert all("idx" not in st and st["words"].dtype == torch.int64 for st in old.state.values() if "t" in st)
     assert all(st["t"].dtype == torch.int16 for st in old.state.values() if "t" in st)  # narrowed step counts
     with pytest.raises(ValueError, match="slack_steps must be an int >= 1"):
         SparseGradOptimizer(model, slack_steps=0)

@@ -60,10 +60,10 @@ def _adam_entries_fake(exp_avg, exp_avg_sq, steps, positions, values, lr, beta1,
 
 
 @torch.library.register_fake("scalerec::sparsegrad_compact_merge")
-def _compact_merge_fake(idx, exp_avg, exp_avg_sq, steps, keys):
-    torch._check(idx.dim() == 1 and keys.dim() == 1)
-    return (torch.empty_like(idx), torch.empty_like(exp_avg), torch.empty_like(exp_avg_sq), torch.empty_like(steps),
-            keys.new_empty(keys.shape, dtype=torch.long))
+def _compact_merge_fake(words, exp_avg, exp_avg_sq, steps, keys, n):
+    torch._check(words.dim() == 1 and keys.dim() == 1)
+    return (torch.empty_like(words), torch.empty_like(exp_avg), torch.empty_like(exp_avg_sq), torch.empty_like(steps),
+            keys.new_empty(keys.shape, dtype=torch.long), keys.new_empty((), dtype=torch.long))
 
 
 # --------------------------------------------------------------------------- python faces
@@ -119,14 +119,45 @@ def sparsegrad_adam_entries_(exp_avg, exp_avg_sq, steps, positions, values, lr: 
                                                        float(beta1), float(beta2), float(eps))
 
 
-def sparsegrad_compact_merge(idx, exp_avg, exp_avg_sq, steps, keys):
-    """Merge one step's selected entries ``keys`` (flat ids, strictly ascending) into a compact lazy-Adam state of
-    fixed capacity ``C``: ``idx`` (the ids seen so far, ascending, then the sentinel ``iinfo(idx.dtype).max`` up to
-    ``C``), with the moments ``exp_avg``, ``exp_avg_sq`` and step counts ``steps`` (int32 or int16) of each slot.
-    New entries enter with zero state; returns the merged ``(idx, exp_avg, exp_avg_sq, steps)`` (new tensors,
-    capacity ``C``) and each key's position in them (int64). The caller leaves room for the new entries (an error on
-    the CPU, a device assert on CUDA otherwise). No host sync on a GPU: two kernels and a prefix sum."""
-    return torch.ops.scalerec.sparsegrad_compact_merge(idx, exp_avg, exp_avg_sq, steps, keys)
+def sparsegrad_compact_merge(words, exp_avg, exp_avg_sq, steps, keys, n: int):
+    """Merge one step's selected entries ``keys`` (flat ids, strictly ascending, in ``[0, n)``) into the compact
+    lazy-Adam state of a weight with ``n`` entries: ``words`` (int64, ``ceil(n / 64)``) is the bitmap of the entries
+    selected so far (bit ``id % 64`` of ``words[id // 64]``), and the moments ``exp_avg``, ``exp_avg_sq`` and step
+    counts ``steps`` (int32 or int16) of those entries fill slots ``[0, count)`` of buffers of fixed capacity ``C``
+    in ascending id order (an entry's slot is its rank in the bitmap), zeros after. New entries enter with zero
+    state; returns the merged ``(words, exp_avg, exp_avg_sq, steps)`` (new tensors, capacity ``C``), each key's slot
+    (int64) and the merged ``count`` (a 0-dim int64 tensor on the state's device). The caller leaves room for the
+    new entries (an error on the CPU, a device assert on CUDA otherwise). No host sync on a GPU: four kernels and
+    a prefix sum."""
+    return torch.ops.scalerec.sparsegrad_compact_merge(words, exp_avg, exp_avg_sq, steps, keys, n)
+
+
+def compact_words(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """The bitmap (int64 words, ``ceil(n / 64)``) of the distinct flat ids ``ids`` in ``[0, n)``: the entry set of a
+    compact lazy-Adam state (:func:`sparsegrad_compact_merge`)."""
+    ids = ids.long().reshape(-1)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise ValueError(f"compact_words: ids must be in [0, {n}), got [{int(ids.min())}, {int(ids.max())}]")
+    mask = torch.zeros(-(-n // 64) * 64, dtype=torch.bool, device=ids.device)
+    mask[ids] = True
+    return _pack_bits(mask)
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    # bit b of word w = mask[64 w + b]; the sum of distinct powers of two is their OR (1 << 63 wraps to int64's sign)
+    shifts = torch.arange(64, dtype=torch.long, device=mask.device)
+    return (mask.view(-1, 64).long() << shifts).sum(1)
+
+
+def compact_entry_ids(words: torch.Tensor, n: int) -> torch.Tensor:
+    """The flat ids (ascending, int64) in a compact state's bitmap ``words``: slot ``i`` of its buffers holds the
+    state of entry ``compact_entry_ids(words, n)[i]``."""
+    return _unpack_bits(words)[:n].nonzero().squeeze(1)
+
+
+def _unpack_bits(words: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(64, dtype=torch.long, device=words.device)
+    return ((words.unsqueeze(1) >> shifts) & 1).bool().reshape(-1)  # >> is arithmetic; & 1 keeps the one bit
 
 
 @functools.lru_cache(maxsize=64)  # called per weight and optimizer step (a host-bound path on a GPU)
@@ -153,25 +184,38 @@ def _saturating_increment(t: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- references
-def sparsegrad_compact_merge_reference(idx, exp_avg, exp_avg_sq, steps, keys):
-    """Pure-PyTorch reference of :func:`sparsegrad_compact_merge`: the keys not yet in ``idx`` replace sentinels
-    through one sort of ``idx ++ new keys``; the state follows the sort's permutation."""
-    sent = torch.iinfo(idx.dtype).max
-    C, k = idx.numel(), keys.numel()
-    if C == 0 or k == 0:
-        if k:
-            raise RuntimeError("sparsegrad_compact_merge: the entry set is full (capacity 0); make room first")
-        return idx.clone(), exp_avg.clone(), exp_avg_sq.clone(), steps.clone(), keys.new_empty(0, dtype=torch.long)
-    hit = idx[torch.searchsorted(idx, keys).clamp(max=C - 1)] == keys
-    merged, order = torch.sort(torch.cat([idx, keys.masked_fill(hit, sent)]), stable=True)
-    if int(merged[C]) != sent:
+def sparsegrad_compact_merge_reference(words, exp_avg, exp_avg_sq, steps, keys, n):
+    """Pure-PyTorch reference of :func:`sparsegrad_compact_merge`: the bitmap unpacked to a mask, the old entries'
+    new slots by a search of their ids in the merged ids."""
+    if words.dtype != torch.long or words.numel() != -(-n // 64):
+        raise RuntimeError(f"sparsegrad_compact_merge: words must hold ceil(n / 64) = {-(-n // 64)} int64 words for "
+                           f"n = {n}, got {words.numel()} {words.dtype}")
+    k, C = keys.numel(), exp_avg.numel()
+    keys = keys.long()
+    if k and (int(keys.min()) < 0 or int(keys.max()) >= n):
+        raise RuntimeError(f"sparsegrad_compact_merge: keys must be in [0, {n})")
+    if k > 1 and not bool((keys[1:] > keys[:-1]).all()):
+        raise RuntimeError("sparsegrad_compact_merge: keys must be strictly ascending")
+    mask = _unpack_bits(words)
+    if bool(mask[n:].any()):
+        raise RuntimeError(f"sparsegrad_compact_merge: words has bits set at or beyond n = {n}")
+    old_ids = mask.nonzero().squeeze(1)
+    if old_ids.numel() > C:
+        raise RuntimeError(f"sparsegrad_compact_merge: words holds more entries than the buffers ({C})")
+    merged = mask.clone()
+    merged[keys] = True
+    ids = merged.nonzero().squeeze(1)
+    if ids.numel() > C:
         raise RuntimeError(f"sparsegrad_compact_merge: the entry set is full (capacity {C}); make room first")
-    order = order[:C]
-    def grown(x):
-        return torch.cat([x, x.new_zeros(k)])[order]
-    new_idx = merged[:C].clone()
-    return new_idx, grown(exp_avg), grown(exp_avg_sq), grown(steps), torch.searchsorted(new_idx, keys)
+    dest = torch.searchsorted(ids, old_ids)
 
+    def moved(x):
+        out = torch.zeros_like(x)
+        out[dest] = x[:old_ids.numel()]
+        return out
+
+    return (_pack_bits(merged), moved(exp_avg), moved(exp_avg_sq), moved(steps), torch.searchsorted(ids, keys),
+            torch.tensor(ids.numel(), dtype=torch.long, device=words.device))
 
 
 def sparsegrad_adam_entries_reference(exp_avg, exp_avg_sq, steps, positions, values, lr, beta1, beta2, eps):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from scalerec.ops.sparse_grad import (sparsegrad_compact_merge, sparsegrad_compact_merge_reference,
-                                      compact_key_dtype, sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference,
+                                      compact_words, sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference,
                                       step_count_dtype, take_selection)
 from scalerec.peft.config import GRAD_DTYPES, MePropConfig, SparseGradConfig, find_targets
 from scalerec.peft.layers import SparseGradLinear
@@ -192,9 +192,11 @@ class SparseGradOptimizer(torch.optim.Optimizer):
 
     ``state_layout`` chooses how the moments are kept:
 
-    * ``"compact"`` (``"auto"``, the default): for the entries selected so far only, as a sorted set of entry ids
-      in a buffer with room to spare (``scalerec::sparsegrad_compact_merge`` adds each step's new entries without a
-      host sync; 14 bytes per entry with int32 ids and int16 step counts, see ``step_count_dtype``). The host keeps
+    * ``"compact"`` (``"auto"``, the default): for the entries selected so far only, in ascending id order in a
+      buffer with room to spare, with a bitmap of which entries those are (one bit per weight entry; an entry's
+      slot is its rank in the bitmap). ``scalerec::sparsegrad_compact_merge`` adds each step's new entries without
+      a host sync. 10 bytes per selected entry with int16 step counts (see ``step_count_dtype``) plus 1/8 byte per
+      weight entry, against 14 with the sorted int32 ids that the bitmap replaced. The host keeps
       an upper bound of the set's size (it grows by at most the k selected entries a step) and reads the exact
       sizes, for all weights in one transfer, only when a bound leaves no room for the next step; then every set
       with room for fewer than ``slack_steps // 2`` steps grows to hold ``slack_steps`` steps' worth of new
@@ -344,7 +346,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                 continue
             st = self.state[p]
             dense = self.state_layout == "dense"
-            if "m" in st and dense == ("idx" in st):  # the compact state has an entry set, the dense one not
+            if "m" in st and dense == ("words" in st or "idx" in st):  # the compact state has an entry set
                 raise ValueError(f"SparseGradOptimizer: this optimizer keeps {'dense' if dense else 'compact'} "
                                  "moments, but the loaded state has the other layout; use the state_layout it was "
                                  "saved with")
@@ -376,48 +378,48 @@ class SparseGradOptimizer(torch.optim.Optimizer):
 
     def _compact_positions(self, items, step_dtypes, given_keys) -> list[torch.Tensor]:
         """Merge each weight's selected entries into its compact entry set (new ones with zero moments) and return
-        their places in it. Room first: a weight's set grows by at most its k selected entries a step, and
+        their slots in it. Room first: a weight's set grows by at most its k selected entries a step, and
         ``st["bound"]`` (host) is an upper bound of its size. Only when some bound leaves no room for this step's
         keys are the exact sizes read: all the weights' in one transfer (so that their bounds stay in phase and the
         next read is at least ``slack_steps // 2`` steps away), and every set with room for fewer steps than that
-        grows to hold ``slack_steps`` steps' worth. int32 entry ids where the weight allows (``given_keys``: the
-        selection's own, from the backward, or None)."""
+        grows to hold ``slack_steps`` steps' worth. ``given_keys``: the selection's ids from the backward (int32
+        where the weight allows), or None."""
         keys, sets = [], []
         for (p, st, idx, val), tdt, key in zip(items, step_dtypes, given_keys):
-            want = compact_key_dtype(p.numel())
-            if key is None or key.dtype != want:
-                key = idx.to(want)
-            keys.append(key)
-            if "idx" not in st:
-                cap = min(p.numel(), self.slack_steps * key.numel())
-                st["idx"] = torch.full((cap,), torch.iinfo(key.dtype).max, dtype=key.dtype, device=p.device)
+            keys.append(idx if key is None else key)
+            if "idx" in st:  # a state saved with sorted int32/int64 ids (before the bitmap): same slots, same order
+                old = st.pop("idx")
+                ids = old[old != torch.iinfo(old.dtype).max]
+                st["words"] = compact_words(ids, p.numel())
+                st["count"] = torch.tensor(ids.numel(), dtype=torch.long, device=p.device)
+                st["bound"] = ids.numel()
+            if "words" not in st:
+                cap = min(p.numel(), self.slack_steps * idx.numel())
+                st["words"] = torch.zeros(-(-p.numel() // 64), dtype=torch.long, device=p.device)
                 st["m"] = torch.zeros(cap, dtype=val.dtype, device=p.device)
                 st["v"] = torch.zeros_like(st["m"])
                 st["t"] = torch.zeros(cap, dtype=tdt, device=p.device)  # per-entry step counts
+                st["count"] = torch.zeros((), dtype=torch.long, device=p.device)
                 st["bound"] = 0
-            if st["idx"].dtype != key.dtype:  # a state saved with the other id width: its sentinels too
-                old = st["idx"]
-                st["idx"] = old.to(key.dtype).masked_fill(old == torch.iinfo(old.dtype).max, torch.iinfo(key.dtype).max)
-            if st["idx"].numel() < p.numel():  # a set that may run out of room (one as large as the weight cannot)
-                sets.append((p, st, key))
-        if any(st.get("bound", st["idx"].numel()) + key.numel() > st["idx"].numel() for _, st, key in sets):
-            sent = [torch.iinfo(k.dtype).max for _, _, k in sets]
-            sizes = torch.stack([(st["idx"] != s).sum() for (_, st, _), s in zip(sets, sent)]).tolist()  # one sync
+            if st["m"].numel() < p.numel():  # a set that may run out of room (one as large as the weight cannot)
+                sets.append((p, st, idx.numel()))
+        if any(st.get("bound", st["m"].numel()) + k > st["m"].numel() for _, st, k in sets):
+            sizes = torch.stack([st["count"] for _, st, _ in sets]).tolist()  # one sync
             self.size_reads += 1
             ahead = max(1, self.slack_steps // 2)
-            for (p, st, key), n, s in zip(sets, sizes, sent):
+            for (p, st, k), n in zip(sets, sizes):
                 st["bound"] = n
-                cap = st["idx"].numel()
-                if n + ahead * key.numel() > cap:
-                    grow = min(p.numel(), n + self.slack_steps * key.numel()) - cap
-                    st["idx"] = torch.cat([st["idx"], st["idx"].new_full((grow,), s)])
+                cap = st["m"].numel()
+                if n + ahead * k > cap:
+                    grow = min(p.numel(), n + self.slack_steps * k) - cap
                     for name in ("m", "v", "t"):
                         st[name] = torch.cat([st[name], st[name].new_zeros(grow)])
         merge = sparsegrad_compact_merge if self.fused else sparsegrad_compact_merge_reference
         where = []
         for (p, st, idx, val), key in zip(items, keys):
-            st["idx"], st["m"], st["v"], st["t"], pos = merge(st["idx"], st["m"], st["v"], st["t"], key)
-            st["bound"] = min(st["idx"].numel(), st.get("bound", st["idx"].numel()) + key.numel())
+            st["words"], st["m"], st["v"], st["t"], pos, st["count"] = merge(st["words"], st["m"], st["v"], st["t"],
+                                                                             key, p.numel())
+            st["bound"] = min(st["m"].numel(), st.get("bound", st["m"].numel()) + key.numel())
             where.append(pos)
         return where
 

@@ -56,7 +56,7 @@ class FinetuneSettings:
     device: str = "cpu"              # "cpu", "cuda" or "cuda:N"
     sparse_state: str = "auto"       # SparseGrad/MeProp Adam moments: auto (= compact), compact or dense
     fused_optimizer: bool = True     # SparseGrad/MeProp: the lazy-Adam step as one C++ call (False: its Python reference)
-    tensor_memory: bool = False      # CPU: the last two steps run under a memory profiler -> tensor_peak_mb
+    tensor_memory: bool = False      # CPU: tensor_peak_mb, the live-tensor peak of a step at the run's longest batch
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -67,9 +67,9 @@ class FinetuneSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if self.tensor_memory and (self.steps < 6 or not str(self.device).startswith("cpu")):
-            raise ValueError(f"tensor_memory needs device=cpu (on a GPU the allocator's peak is reported anyway) "
-                             f"and steps >= 6, got device={self.device!r}, steps={self.steps}")
+        if self.tensor_memory and not str(self.device).startswith("cpu"):
+            raise ValueError(f"tensor_memory needs device=cpu (on a GPU the allocator's peak is reported anyway), "
+                             f"got device={self.device!r}")
         if not (0.0 < float(self.density) <= 1.0):
             raise ValueError(f"density must be in (0, 1], got {self.density!r}")
         if self.sparse_state not in SparseGradOptimizer.STATE_LAYOUTS:
@@ -228,6 +228,43 @@ def evaluate(model: nn.Module, batches) -> dict:
     return {"loss": loss_sum / tokens, "perplexity": math.exp(loss_sum / tokens), "tokens": tokens}
 
 
+def _tokens(batch: dict) -> int:
+    return int(next(iter(batch.values())).numel())  # input_ids: batch size x padded length
+
+
+def tensor_peak(model: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> dict:
+    """The CPU live-tensor peak of a training step on ``batch`` with the optimizer state as it is now (after the
+    run): two steps under torch's memory profiler (``scalerec.peft.memory``), the second measured. Given the run's
+    longest batch after its last step, this is the analogue of ``torch.cuda.max_memory_allocated`` over the run:
+    activations peak with the longest batch and the lazy-Adam state only grows, so no step of the run peaks higher
+    (a step at that length with the final state is what the GPU's whole-run peak sees at worst). The trainable
+    weights and the optimizer state are restored afterwards, so the run's model is left as trained."""
+    import copy
+
+    from scalerec.peft.memory import live_tensor_bytes, peak_tensor_bytes
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    kept = [p.detach().clone() for p in params]
+    kept_state = copy.deepcopy(opt.state_dict())
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    peak = peak_tensor_bytes(work=step, warmup=step,
+                             live_at_start=lambda: live_tensor_bytes(batch, model=model, optimizer=opt))
+    with torch.no_grad():
+        for p, q in zip(params, kept):
+            p.copy_(q)
+    opt.load_state_dict(kept_state)
+    for m in model.modules():
+        if hasattr(m, "accept_weight_change"):
+            m.accept_weight_change()
+    return {"tensor_peak_mb": peak / 2**20, "tensor_model_mb": live_tensor_bytes(model=model) / 2**20,
+            "tensor_peak_tokens": _tokens(batch)}
+
+
 def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None, progress: bool = True,
                  keep_model: bool = False) -> dict:
     """Load, apply the method, train ``s.steps`` steps, evaluate before/after; returns the figures (and the model
@@ -277,6 +314,7 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
     warm = min(3, s.steps - 1)
     t_start = None
     losses = []
+    longest = None  # the run's batch with the most tokens (the tensor_memory measurement's batch)
 
     def train_step(step: int, batch) -> None:
         loss = model(**batch).loss
@@ -289,25 +327,17 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
         if log is not None:
             log({"event": "step", "step": step, "loss": losses[-1], "time": time.time()})
 
-    timed_steps = s.steps - 2 if s.tensor_memory else s.steps  # the profiled steps are not timed
-    batches = itertools.islice(train_it, s.steps)
-    for step, batch in enumerate(itertools.islice(batches, timed_steps), start=1):
+    for step, batch in enumerate(itertools.islice(train_it, s.steps), start=1):
         if step == warm + 1:
             if cuda:
                 torch.cuda.synchronize(dev)
             t_start = time.perf_counter()
         train_step(step, batch)
+        if s.tensor_memory and (longest is None or _tokens(batch) > _tokens(longest)):
+            longest = batch
     if cuda:
         torch.cuda.synchronize(dev)
     t_end = time.perf_counter()
-    if s.tensor_memory:  # the last step's peak of live tensors, with the state of all steps before it
-        from scalerec.peft.memory import live_tensor_bytes, peak_tensor_bytes
-
-        b1, b2 = next(batches), next(batches)
-        info["tensor_peak_mb"] = peak_tensor_bytes(
-            work=lambda: train_step(s.steps, b2), warmup=lambda: train_step(s.steps - 1, b1),
-            live_at_start=lambda: live_tensor_bytes(b2, model=model, optimizer=opt)) / 2**20
-        info["tensor_model_mb"] = live_tensor_bytes(model=model) / 2**20
     bar.close()
     if cuda:
         torch.cuda.synchronize(dev)
@@ -323,9 +353,11 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
     if hasattr(opt, "size_reads"):
         info["sparse_size_reads"] = opt.size_reads  # host reads of the compact sets' sizes over the run
     info["sparse_state_mb"] = sum(st[n].numel() * st[n].element_size() for st in sparse
-                                  for n in ("idx", "m", "v", "t") if n in st) / 2**20
-    timed = timed_steps - warm
+                                  for n in ("words", "m", "v", "t") if n in st) / 2**20
+    timed = s.steps - warm
     after = evaluate(model, eval_batches())
+    if s.tensor_memory:
+        info.update(tensor_peak(model, opt, longest))
     res = {
         "method": s.method, "task": s.task, "seed": s.seed, "steps": s.steps, "batch_size": s.batch_size,
         "steps_per_s": timed / elapsed if elapsed > 0 else float("nan"),
