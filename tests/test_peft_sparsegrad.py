@@ -311,6 +311,9 @@ def test_fused_lazy_adam_step_equals_the_python_reference(method, layout):
             assert not torch.equal(a.weight, w), n  # it trained
             sa, sc = opts[True].state[a.weight], opts[False].state[c.weight]
             assert torch.equal(sa["t"], sc["t"]), n
+            assert ("words" in sa) == ("words" in sc) == (layout != "dense"), n
+            if layout != "dense":  # the same entry set, the same size
+                assert torch.equal(sa["words"], sc["words"]) and int(sa["count"]) == int(sc["count"]), n
             torch.testing.assert_close(sa["m"], sc["m"], rtol=1e-5, atol=1e-8)
             torch.testing.assert_close(sa["v"], sc["v"], rtol=1e-5, atol=1e-10)
     b = batches[0]  # the fused step left the layers' weight checks satisfied: the forward runs

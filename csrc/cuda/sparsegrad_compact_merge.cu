@@ -1,8 +1,8 @@
 // CUDA kernels of sparsegrad_compact_merge (contract in csrc/cpu/sparsegrad_compact_merge.cpp). No host sync:
-//   1. words' = words (a copy), then one thread per key sets its bit (atomicOr);
-//   2. one thread per word: the popcounts of the old and the new word, into one [2, W] tensor;
-//   3. an inclusive prefix sum of both rows (ATen's cumsum, one call): a word's first old and new slots;
-//   4. one kernel over W + C + k threads: thread w < W moves word w's known entries to their new slots (ascending
+//   1. one thread per word: the merged word (the old one with the bits of its keys, a run of the sorted keys found
+//      by binary search) and the popcounts of the old and the merged word, into one [2, W] tensor;
+//   2. an inclusive prefix sum of both rows (ATen's cumsum, one call): a word's first old and new slots;
+//   3. one kernel over W + C + k threads: thread w < W moves word w's known entries to their new slots (ascending
 //      bit order) and zeroes its new ones; the next C threads zero the room after the merged set; the last k write
 //      each key's slot (its word's first new slot + the new word's bits below it). The merged size is the new
 //      prefix sum's last element (thread 0 writes it to `count`); a device assert checks that it fits the capacity
@@ -27,19 +27,29 @@ void check_compact_merge(const at::Tensor& words, const at::Tensor& m, const at:
 namespace {
 
 template <typename index_t>
-__global__ void set_bits_kernel(const index_t* __restrict__ keys, int64_t k, unsigned long long* __restrict__ words) {
-  const int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (j >= k) return;
-  const int64_t key = keys[j];
-  atomicOr(words + (key >> 6), 1ULL << (key & 63));
+__device__ __forceinline__ int64_t lower_bound(const index_t* a, int64_t n, int64_t x) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (static_cast<int64_t>(a[mid]) < x) lo = mid + 1; else hi = mid;
+  }
+  return lo;
 }
 
-__global__ void popcount_kernel(const unsigned long long* __restrict__ before,
-                                const unsigned long long* __restrict__ after, int64_t W, int64_t* __restrict__ counts) {
+// one thread per word: the word's keys (a run of the sorted keys, found by binary search) set their bits in the
+// merged word; the popcounts of the old and the merged word go to counts[0][w] and counts[1][w]
+template <typename index_t>
+__global__ void bits_kernel(const unsigned long long* __restrict__ before, int64_t W, const index_t* __restrict__ keys,
+                            int64_t k, unsigned long long* __restrict__ after, int64_t* __restrict__ counts) {
   const int64_t w = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (w >= W) return;
-  counts[w] = __popcll(before[w]);
-  counts[W + w] = __popcll(after[w]);
+  const unsigned long long o = before[w];
+  unsigned long long x = o;
+  for (int64_t j = lower_bound(keys, k, w * 64); j < k && static_cast<int64_t>(keys[j]) < (w + 1) * 64; ++j)
+    x |= 1ULL << (static_cast<int64_t>(keys[j]) & 63);
+  after[w] = x;
+  counts[w] = __popcll(o);
+  counts[W + w] = __popcll(x);
 }
 
 template <typename index_t, typename scalar_t, typename step_t>
@@ -88,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor words = words_in.contiguous(), m = m_in.contiguous(), v = v_in.contiguous(), t = t_in.contiguous();
   const at::Tensor keys = keys_in.contiguous();
   const int64_t W = words.numel(), C = m.numel(), k = keys.numel();
-  at::Tensor words2 = words.clone();
+  at::Tensor words2 = at::empty_like(words);
   at::Tensor positions = at::empty({k}, keys.options().dtype(at::kLong));
   at::Tensor m2 = at::empty_like(m), v2 = at::empty_like(v), t2 = at::empty_like(t);
   if (W == 0) return {words2, m2.zero_(), v2.zero_(), t2.zero_(), positions, at::zeros({}, positions.options())};
@@ -98,11 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto* after = reinterpret_cast<unsigned long long*>(words2.data_ptr<int64_t>());
   at::Tensor counts = at::empty({2, W}, positions.options()), count = at::empty({}, positions.options());
   AT_DISPATCH_INDEX_TYPES(keys.scalar_type(), "sparsegrad_compact_merge_cuda", [&] {
-    if (k > 0) {
-      set_bits_kernel<index_t><<<(k + threads - 1) / threads, threads, 0, stream>>>(keys.data_ptr<index_t>(), k, after);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    popcount_kernel<<<(W + threads - 1) / threads, threads, 0, stream>>>(before, after, W, counts.data_ptr<int64_t>());
+    bits_kernel<index_t><<<(W + threads - 1) / threads, threads, 0, stream>>>(before, W, keys.data_ptr<index_t>(), k,
+                                                                             after, counts.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor ends = counts.cumsum(1);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "sparsegrad_compact_merge_cuda_m", [&] {
