@@ -110,8 +110,8 @@ def main() -> int:
     ap.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (runs are sequential)")
     ap.add_argument("--grad-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="dtype of SparseGrad/MeProp weight-gradient GEMMs (auto: bfloat16 on a CPU with "
-                         "AVX512-BF16/AMX, else float32)")
+                    help="dtype of SparseGrad/MeProp weight-gradient GEMMs (auto: bfloat16 on a CPU where a timed "
+                         "bf16 GEMM is >= 1.25x faster, else float32)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU memory: torch's allocator peak)")
     ap.add_argument("--model", default=None, help="model folder or alias (default: minilm; --lm: smollm2)")
     ap.add_argument("--max-length", type=int, default=None, help="SST-2 tokens per sentence (default 32)")

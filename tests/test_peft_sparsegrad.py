@@ -356,13 +356,19 @@ def test_optimizer_skips_coalescing_one_backward_and_sums_accumulated_gradients(
             assert torch.equal(changed, grads[n] != 0), n  # the entries of the summed gradient moved, no other
 
 
-def test_fast_grad_dtype_follows_the_hardware():
-    from scalerec.peft.config import fast_grad_dtype
+def test_fast_grad_dtype_is_timed_on_the_cpu(monkeypatch):
+    import scalerec.peft.config as config
 
-    assert fast_grad_dtype("cuda") == fast_grad_dtype("cuda:1") == "float32"  # measured faster and leaner (H100)
-    with open("/proc/cpuinfo") as f:
-        bf16 = any(("avx512_bf16" in ln.split() or "amx_bf16" in ln.split()) for ln in f if ln.startswith("flags"))
-    assert fast_grad_dtype("cpu") == ("bfloat16" if bf16 else "float32")
+    assert config.fast_grad_dtype("cuda") == config.fast_grad_dtype("cuda:1") == "float32"  # measured (H100)
+    for bf16_s, f32_s, want in ((0.010, 0.020, "bfloat16"), (0.017, 0.020, "float32"), (0.031, 0.020, "float32")):
+        config.fast_grad_dtype.cache_clear()
+        times = {torch.bfloat16: bf16_s, torch.float32: f32_s}
+        monkeypatch.setattr(config, "_gemm_seconds", lambda dtype: times[dtype])
+        assert config.fast_grad_dtype("cpu") == want, (bf16_s, f32_s)
+    monkeypatch.undo()
+    config.fast_grad_dtype.cache_clear()
+    assert config._gemm_seconds(torch.float32, reps=1) > 0
+    assert config.fast_grad_dtype("cpu") in ("bfloat16", "float32")
 
 
 def test_revert_is_exact_and_state_dict_round_trips():

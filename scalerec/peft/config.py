@@ -1,7 +1,9 @@
 """Configuration dataclasses of the MLP fine-tuning methods (SparseGrad, MeProp) and target-module matching."""
 from __future__ import annotations
 
+import functools
 import re
+import time
 from dataclasses import dataclass
 
 import torch
@@ -30,20 +32,32 @@ def _check_density_and_k(owner: str, density: float, k: int | None) -> None:
 GRAD_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
+def _gemm_seconds(dtype: torch.dtype, reps: int = 3) -> float:
+    """Seconds of the weight-gradient GEMM's shape on this CPU (a [1024, 1536]ᵀ x [1024, 384] product, MiniLM's MLP
+    at half the benchmark's tokens) in ``dtype``, the best of ``reps`` after a warm-up."""
+    g = torch.randn(1024, 1536).to(dtype)
+    x = torch.randn(1024, 384).to(dtype)
+    g.t() @ x
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        g.t() @ x
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
 def fast_grad_dtype(device: str = "cpu") -> str:
-    """The faster weight-gradient dtype here: "bfloat16" on a CPU with bf16 matrix instructions (AVX512-BF16 or
-    AMX), else "float32" — without them torch's CPU bf16 GEMMs are emulated, 5-60x slower than float32 (measured on
-    an AVX2 EPYC: a [2048, 1536]ᵀ x [2048, 384] product 31 ms in float32, 203 ms in bf16). On a GPU "float32": the
-    MLP GEMMs of a small model are too small for bf16 to pay for the casts of x, grad_y and both bases (H100,
-    MiniLM on SST-2, 2026-11-27: 0.77x LoRA's speed and 535 MB in float32 against 0.72x and 548 MB in bf16)."""
+    """The faster weight-gradient dtype here. On a CPU, timed: "bfloat16" when a bf16 GEMM of the MLP's shape runs
+    at least 1.25x faster than float32 (it must also pay for casting x, grad_y and both bases), else "float32". CPU
+    flags do not tell: AVX512-BF16 made bf16 2x faster on one machine (2026-11-26) and 1.6x *slower* on another
+    (an AVX-512 Xeon, 2026-12-07: 31 vs 20 ms for this product; 0.55x against 0.67x LoRA's speed on SST-2); without
+    bf16 instructions torch emulates it, 5-60x slower (an AVX2 EPYC: 203 vs 31 ms). On a GPU "float32": the MLP
+    GEMMs of a small model are too small for bf16 to pay for its casts (H100, MiniLM on SST-2, 2026-11-27: 0.77x
+    LoRA's speed and 535 MB in float32 against 0.72x and 548 MB in bf16). Measured once per process (~0.1 s)."""
     if str(device).startswith("cuda"):
         return "float32"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-    except OSError:
-        return "float32"
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+    return "bfloat16" if 1.25 * _gemm_seconds(torch.bfloat16) <= _gemm_seconds(torch.float32) else "float32"
 
 
 def _check_grad_dtype(owner: str, grad_dtype: str) -> None:
