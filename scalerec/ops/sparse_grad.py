@@ -74,7 +74,8 @@ def sparsegrad_topk_grad(grad_out: torch.Tensor, x: torch.Tensor, u_out: torch.T
 
 
 def compact_key_dtype(n: int) -> torch.dtype:
-    """The dtype of the flat entry ids of a weight with ``n`` entries in the optimizer's compact state."""
+    """The dtype of the keys (flat entry ids) that the backward hands to the optimizer's compact merge for a weight
+    with ``n`` entries: int32 where they fit."""
     return torch.int32 if n < 2**31 else torch.long
 
 

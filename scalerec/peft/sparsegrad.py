@@ -255,9 +255,10 @@ class SparseGradOptimizer(torch.optim.Optimizer):
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``torch.optim.Optimizer.load_state_dict``, except that the lazy-Adam state's integer tensors (entry ids,
-        per-entry step counts) keep their dtype: the base class casts every state tensor of a float parameter to
-        the parameter's dtype, which would turn them into floats (and round ids above 2^24)."""
+        """``torch.optim.Optimizer.load_state_dict``, except that the lazy-Adam state's integer tensors (the entry
+        bitmap and count, per-entry step counts; sorted entry ids in states saved before the bitmap) keep their
+        dtype: the base class casts every state tensor of a float parameter to the parameter's dtype, which would
+        turn them into floats (and round values above 2^24)."""
         ints = {}
         state = {}
         for pid, st in state_dict["state"].items():
