@@ -229,7 +229,7 @@ def evaluate(model: nn.Module, batches) -> dict:
 
 
 def _tokens(batch: dict) -> int:
-    return int(next(iter(batch.values())).numel())  # input_ids: batch size x padded length
+    return int(batch["input_ids"].numel())  # batch size x padded length
 
 
 def tensor_peak(model: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> dict:
