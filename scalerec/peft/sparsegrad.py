@@ -256,9 +256,9 @@ class SparseGradOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, except that the lazy-Adam state's integer tensors (the entry
-        bitmap and count, per-entry step counts; sorted entry ids in states saved before the bitmap) keep their
-        dtype: the base class casts every state tensor of a float parameter to the parameter's dtype, which would
-        turn them into floats (and round values above 2^24)."""
+        bitmap and count, per-entry step counts) keep their dtype: the base class casts every state tensor of a
+        float parameter to the parameter's dtype, which would turn them into floats (and round values above 2^24).
+        A compact state saved with sorted entry ids (before the bitmap) is converted to the bitmap here."""
         ints = {}
         state = {}
         for pid, st in state_dict["state"].items():
@@ -269,8 +269,15 @@ class SparseGradOptimizer(torch.optim.Optimizer):
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
+            st = self.state[p]
             for k, v in ints.get(pid, {}).items():
-                self.state[p][k] = v.to(device=p.device, copy=True)
+                st[k] = v.to(device=p.device, copy=True)
+            if "idx" in st:  # saved with sorted int32/int64 ids (before the bitmap): the same slots in the same order
+                old = st.pop("idx")
+                ids = old[old != torch.iinfo(old.dtype).max]
+                st["words"] = compact_words(ids, p.numel())
+                st["count"] = torch.tensor(ids.numel(), dtype=torch.long, device=p.device)
+                st["bound"] = ids.numel()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -347,7 +354,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                 continue
             st = self.state[p]
             dense = self.state_layout == "dense"
-            if "m" in st and dense == ("words" in st or "idx" in st):  # the compact state has an entry set
+            if "m" in st and dense == ("words" in st):  # the compact state has an entry set
                 raise ValueError(f"SparseGradOptimizer: this optimizer keeps {'dense' if dense else 'compact'} "
                                  "moments, but the loaded state has the other layout; use the state_layout it was "
                                  "saved with")
@@ -388,12 +395,6 @@ class SparseGradOptimizer(torch.optim.Optimizer):
         keys, sets = [], []
         for (p, st, idx, val), tdt, key in zip(items, step_dtypes, given_keys):
             keys.append(idx if key is None else key)
-            if "idx" in st:  # a state saved with sorted int32/int64 ids (before the bitmap): same slots, same order
-                old = st.pop("idx")
-                ids = old[old != torch.iinfo(old.dtype).max]
-                st["words"] = compact_words(ids, p.numel())
-                st["count"] = torch.tensor(ids.numel(), dtype=torch.long, device=p.device)
-                st["bound"] = ids.numel()
             if "words" not in st:
                 cap = min(p.numel(), self.slack_steps * idx.numel())
                 st["words"] = torch.zeros(-(-p.numel() // 64), dtype=torch.long, device=p.device)
