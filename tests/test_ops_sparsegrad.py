@@ -13,7 +13,10 @@ def _orth(n, dtype=torch.float64, seed=0):
     return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=dtype))[0]
 
 
-@pytest.mark.parametrize("N,O,I,k", [(40, 12, 7, 10), (3, 9, 16, 1), (200, 6, 5, 30)])
+# the four product orders (csrc/sparsegrad_rotated_grad.h): both rotations through the [O, I] product (N >= O, I),
+# both through the rows (N < O, I), only U_in through the rows (I <= N < O), only U_out (O <= N < I)
+@pytest.mark.parametrize("N,O,I,k", [(40, 12, 7, 10), (3, 9, 16, 1), (200, 6, 5, 30), (10, 24, 6, 20),
+                                     (10, 6, 24, 20)])
 @pytest.mark.parametrize("rotate", [True, False])
 def test_topk_grad_matches_reference(N, O, I, k, rotate):
     torch.manual_seed(N + O)
@@ -421,12 +424,13 @@ def test_compact_merge_rejects_bad_input():
         sparsegrad_compact_merge(words.int(), m, v, t, torch.tensor([1], dtype=torch.int32), 100)
 
 
-@pytest.mark.parametrize("live_rows", [[0, 40], list(range(0, 64, 2)), list(range(64))])
+@pytest.mark.parametrize("live_rows", [[0, 40], list(range(0, 64, 2)), list(range(60)), list(range(64))])
 def test_backward_with_mostly_zero_output_gradient_rows(live_rows):
-    """The CPU backward drops all-zero rows of grad_y before the weight-gradient GEMMs when at most a quarter are
-    live (a classifier's last MLP: only [CLS]); a lower bound from 8 columns skips the full check otherwise. The selection is that of the
-    full gradient whether rows were dropped (2 live of 64) or not (32 or 64 live)."""
-    from scalerec.ops.sparse_grad import _few_live_rows, rotated_weight_grad_reference, sparse_linear
+    """The CPU backward drops the all-zero rows of grad_y before the weight-gradient GEMMs when at most 7/8 of the
+    rows are live (padding; a classifier's last MLP, live at [CLS] only); a lower bound from 8 columns skips the full
+    check when more are. The selection is that of the full gradient whether rows were dropped (2 or 32 live of 64)
+    or not (60 or 64 live)."""
+    from scalerec.ops.sparse_grad import _live_rows, rotated_weight_grad_reference, sparse_linear
 
     g = torch.Generator().manual_seed(len(live_rows))
     N, O, I, k = 64, 24, 16, 40
@@ -436,10 +440,15 @@ def test_backward_with_mostly_zero_output_gradient_rows(live_rows):
     ui = torch.linalg.qr(torch.randn(I, I, generator=g, dtype=torch.float64))[0]
     gy = torch.zeros(N, O, dtype=torch.float64)
     gy[live_rows] = torch.randn(len(live_rows), O, generator=g, dtype=torch.float64)
-    assert _few_live_rows(gy) == (len(live_rows) == 2)  # 32 or 64 live rows: more than a quarter
+    live = _live_rows(gy)
+    if len(live_rows) <= 56:
+        assert live is not None and live.nonzero().flatten().tolist() == sorted(live_rows)
+    else:
+        assert live is None
     cls = torch.zeros(N, O, dtype=torch.float64)  # rows 0, 16, 32, 48 live: one [CLS] per 16-token sequence
     cls[::16] = 1.0
-    assert _few_live_rows(cls)
+    assert _live_rows(cls).nonzero().flatten().tolist() == [0, 16, 32, 48]
+    assert _live_rows(torch.zeros(N, O)) is None  # nothing live: nothing to drop to
     sparse_linear(x, w, None, uo, ui, k).backward(gy)
     full = rotated_weight_grad_reference(gy, x, uo, ui).flatten()
     want = torch.topk(full.abs(), k).indices.sort().values

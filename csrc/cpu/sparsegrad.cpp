@@ -4,11 +4,10 @@
 //   The weight gradient of y = x W^T + b, rotated into the SparseGrad basis, G~ = U_out^T (grad_out^T x) U_in,
 //   reduced to its k entries of largest magnitude. `indices` are flat row-major positions in the [O, I] matrix,
 //   sorted ascending (so they form a coalesced COO index); `values` are the gradient entries there. Without
-//   u_out / u_in the rotation is the identity on that side (MeProp: top-k in the original basis). The product
-//   order is chosen by cost: (grad_out^T x) first and then the rotations when N is large, the rotated operands
-//   (grad_out U_out)^T (x U_in) when N is small. Selection is O(O*I): one nth_element over the magnitudes at or above a
-//   bound taken from a sample (over all of them when the sample's bound lets fewer than k through), and one
-//   scan, never a full sort. float32, float64 and bfloat16 (the GEMMs then run in bfloat16 with float
+//   u_out / u_in the rotation is the identity on that side (MeProp: top-k in the original basis). Each rotation
+//   goes through the N rows or through the [O, I] product, whichever is cheaper (csrc/sparsegrad_rotated_grad.h).
+//   Selection is O(O*I): one nth_element over the magnitudes at or above a bound taken from a sample (over all of
+//   them when the sample's bound lets fewer than k through), and one scan, never a full sort. float32, float64 and bfloat16 (the GEMMs then run in bfloat16 with float
 //   accumulation, about twice as fast on CPUs with AVX512-BF16/AMX; the selection compares in float).
 //
 // sparsegrad_rotated_update_(weight [O,I], u_out [O,O], u_in [I,I], indices [k], delta [k]) -> ()
@@ -27,6 +26,8 @@
 #include <utility>
 #include <vector>
 
+#include "../sparsegrad_rotated_grad.h"
+
 namespace scalerec {
 
 namespace {
@@ -40,24 +41,7 @@ void check_rotation(const std::optional<at::Tensor>& u, int64_t n, const char* n
   TORCH_CHECK(u->device() == like.device(), "sparsegrad: ", name, " is on another device");
 }
 
-// Rotated weight gradient G~ = U_out^T grad_out^T x U_in, [O, I].
-at::Tensor rotated_weight_grad(const at::Tensor& g, const at::Tensor& x, const std::optional<at::Tensor>& u_out,
-                               const std::optional<at::Tensor>& u_in) {
-  const int64_t N = g.size(0), O = g.size(1), I = x.size(1);
-  const double direct = double(N) * O * I + (u_out ? double(O) * O * I : 0.0) + (u_in ? double(O) * I * I : 0.0);
-  const double rotated_first = double(N) * O * I + (u_out ? double(N) * O * O : 0.0) + (u_in ? double(N) * I * I : 0.0);
-  if (direct <= rotated_first) {
-    at::Tensor G = at::mm(g.t(), x);                 // [O, I]
-    if (u_out) G = at::mm(u_out->t(), G);
-    if (u_in) G = at::mm(G, *u_in);
-    return G;
-  }
-  const at::Tensor gr = u_out ? at::mm(g, *u_out) : g;   // [N, O]
-  const at::Tensor xr = u_in ? at::mm(x, *u_in) : x;     // [N, I]
-  return at::mm(gr.t(), xr);
-}
-
-// Top-k of |v| (exact; ties at the threshold taken in index order). Large inputs: a strided sample of the
+// Top-k of |v| (exact; ties at the threshold taken in index order). Large inputs: a stratified sample of the
 // magnitudes gives a bound `lo` expected to let ~2k entries through; one pass collects those (in index order)
 // and only they are partially sorted and scanned. If fewer than k entries reach the bound, the full path runs
 // (nth_element over all n magnitudes and a scan of all n).
@@ -69,9 +53,15 @@ void topk_abs(const scalar_t* v, int64_t n, int64_t k, int64_t* out_idx, scalar_
   std::vector<acc_t> mag;
   bool fast = false;
   if (n >= 8 * kSample && 8 * k <= n) {
+    // one entry from each of kSample equal strata, at a hashed offset within it: a fixed stride would alias with
+    // the matrix's width (stride 72 over 384 columns samples 16 of them), and a rotated gradient's magnitudes depend
+    // on the column; that biased bound failed the fast path in every MiniLM up-projection
     const int64_t stride = n / kSample;
     std::vector<acc_t> smp(kSample);
-    for (int64_t i = 0; i < kSample; ++i) smp[i] = std::abs(static_cast<acc_t>(v[i * stride]));
+    for (int64_t i = 0; i < kSample; ++i) {
+      const uint64_t h = (uint64_t(i) + 1) * 0x9E3779B97F4A7C15ull;
+      smp[i] = std::abs(static_cast<acc_t>(v[i * stride + int64_t((h >> 33) % uint64_t(stride))]));
+    }
     const int64_t q = std::min<int64_t>(kSample - 1, (2 * k * kSample) / n + 32);
     std::nth_element(smp.begin(), smp.begin() + q, smp.end(), std::greater<acc_t>());
     const acc_t lo = smp[q];
@@ -129,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> sparsegrad_topk_grad_cpu(const at::Tensor& gr
   check_rotation(u_in_, I, "u_in", x_);
   TORCH_CHECK(k >= 1 && k <= O * I, "sparsegrad_topk_grad: k must be in [1, ", O * I, "], got ", k);
   // the bases go to the GEMMs in whatever layout they are stored (SparseGrad keeps them column-major)
-  at::Tensor G = rotated_weight_grad(grad_out_, x_, u_out_, u_in_).contiguous();
+  at::Tensor G = sparsegrad_rotated_weight_grad(grad_out_, x_, u_out_, u_in_).contiguous();
   auto idx = at::empty({k}, x_.options().dtype(at::kLong));
   auto val = at::empty({k}, x_.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, G.scalar_type(), "sparsegrad_topk_grad_cpu", [&] {

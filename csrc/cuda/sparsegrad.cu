@@ -15,6 +15,8 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include "../sparsegrad_rotated_grad.h"
+
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
@@ -285,26 +287,6 @@ bool use_torch_topk() {
 
 namespace {
 
-at::Tensor rotated_weight_grad_cuda(const at::Tensor& g, const at::Tensor& x, const std::optional<at::Tensor>& u_out,
-                                    const std::optional<at::Tensor>& u_in) {
-  const int64_t N = g.size(0), O = g.size(1), I = x.size(1);
-  const double direct = double(N) * O * I + (u_out ? double(O) * O * I : 0.0) + (u_in ? double(O) * I * I : 0.0);
-  const double rotated_first = double(N) * O * I + (u_out ? double(N) * O * O : 0.0) + (u_in ? double(N) * I * I : 0.0);
-  if (direct <= rotated_first) {
-    at::Tensor G = at::mm(g.t(), x);
-    if (u_out) G = at::mm(u_out->t(), G);
-    if (u_in) G = at::mm(G, *u_in);
-    return G;
-  }
-  const at::Tensor gr = u_out ? at::mm(g, *u_out) : g;
-  const at::Tensor xr = u_in ? at::mm(x, *u_in) : x;
-  return at::mm(gr.t(), xr);
-}
-
-}  // namespace
-
-namespace {
-
 // The checked rotated gradient, flattened (the selection's input).
 at::Tensor rotated_grad_for_selection(const at::Tensor& grad_out, const at::Tensor& x,
                                       const std::optional<at::Tensor>& u_out_, const std::optional<at::Tensor>& u_in_,
@@ -317,7 +299,7 @@ at::Tensor rotated_grad_for_selection(const at::Tensor& grad_out, const at::Tens
   TORCH_CHECK(!u_in_ || (u_in_->size(0) == I && u_in_->size(1) == I), "sparsegrad: u_in must be [I, I]");
   TORCH_CHECK(O * I <= INT_MAX, "sparsegrad_topk_grad (CUDA): the weight has ", O * I, " entries; at most ",
               INT_MAX, " are supported");
-  return rotated_weight_grad_cuda(grad_out, x, u_out_, u_in_).reshape(-1).contiguous();
+  return sparsegrad_rotated_weight_grad(grad_out, x, u_out_, u_in_).reshape(-1).contiguous();
 }
 
 // at::topk + sort + index_select: the selection before the radix select, kept for comparison
