@@ -449,6 +449,10 @@ def test_backward_with_mostly_zero_output_gradient_rows(live_rows):
     cls[::16] = 1.0
     assert _live_rows(cls).nonzero().flatten().tolist() == [0, 16, 32, 48]
     assert _live_rows(torch.zeros(N, O)) is None  # nothing live: nothing to drop to
+    nan = torch.zeros(N, O, dtype=torch.float64)
+    nan[5, O - 1] = float("nan")  # beyond the 8-column look, and NaN: live, so it reaches the gradient
+    nan[9] = 1.0
+    assert _live_rows(nan).nonzero().flatten().tolist() == [5, 9]
     sparse_linear(x, w, None, uo, ui, k).backward(gy)
     full = rotated_weight_grad_reference(gy, x, uo, ui).flatten()
     want = torch.topk(full.abs(), k).indices.sort().values
