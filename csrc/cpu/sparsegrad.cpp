@@ -7,8 +7,9 @@
 //   u_out / u_in the rotation is the identity on that side (MeProp: top-k in the original basis). Each rotation
 //   goes through the N rows or through the [O, I] product, whichever is cheaper (csrc/sparsegrad_rotated_grad.h).
 //   Selection is O(O*I): one nth_element over the magnitudes at or above a bound taken from a sample (over all of
-//   them when the sample's bound lets fewer than k through), and one scan, never a full sort. float32, float64 and bfloat16 (the GEMMs then run in bfloat16 with float
-//   accumulation, about twice as fast on CPUs with AVX512-BF16/AMX; the selection compares in float).
+//   them when the sample's bound lets fewer than k through), and one scan, never a full sort. float32, float64 and
+//   bfloat16 (the GEMMs then run in bfloat16 with float accumulation; faster only on some CPUs, e.g. with AMX:
+//   scalerec.peft.config.fast_grad_dtype times it; the selection compares in float).
 //
 // sparsegrad_rotated_update_(weight [O,I], u_out [O,O], u_in [I,I], indices [k], delta [k]) -> ()
 //   In place: weight += U_out D U_in^T, where D is the sparse [O, I] matrix with D.flat[indices] = delta.
