@@ -392,8 +392,10 @@ def test_compact_merge_on_cuda_matches_cpu(dtype, step_dtype):
 
 
 def test_compact_and_dense_state_train_alike_on_cuda():
-    """On the GPU the compact state (merged without host syncs, its size read only when its room runs out) and the
-    dense one give the same weights over several steps with moving selections, and the compact set grew."""
+    """On the GPU the compact state and the dense one give the same weights over several steps with moving
+    selections, the compact set grew, and its optimizer steps after the first run without a host sync (the sets'
+    sizes reach the host by a non-blocking copy, taken when its event has completed: torch's sync debug mode
+    raises on any synchronising call)."""
     from scalerec.peft.layers import SparseGradLinear
     from scalerec.peft.sparsegrad import SparseGradOptimizer
 
@@ -408,8 +410,16 @@ def test_compact_and_dense_state_train_alike_on_cuda():
         x = torch.randn(20, 32, device=DEV)
         for lay, m in models.items():
             m(x).pow(2).sum().backward()
-            opts[lay].step()
+            if step > 0:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opts[lay].step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
             opts[lay].zero_grad()
     assert torch.equal(models["compact"][0].weight, models["dense"][0].weight)
     st = opts["compact"].state[models["compact"][0].weight]
-    assert int(st["t"].count_nonzero()) > 40 and opts["compact"].size_reads >= 1
+    assert int(st["t"].count_nonzero()) > 40 and st["m"].numel() > 40
+    torch.cuda.synchronize()
+    opts["compact"]._take_sizes()
+    assert opts["compact"].size_reads >= 1 and int(st["count"]) <= st["bound"] <= st["m"].numel()

@@ -221,30 +221,59 @@ def test_dense_and_compact_adam_state_give_identical_updates():
         other.step()
 
 
-def test_compact_state_room_is_checked_rarely_and_grows_exactly():
-    """The compact set's room: with slack_steps=4 its size is read on the host in fewer steps than not (one read for
-    all weights), with slack_steps=1 nearly every step; either way the set grows as needed and the updates equal the
-    dense layout's bit for bit, also over accumulated gradients (2k entries a step). A state saved before the room
-    existed (an exact-size set, no bound) loads and trains on alike."""
+class _LateSizes(SparseGradOptimizer):
+    """Sizes that reach the host only at every ``every``-th look (a GPU whose copies lag behind the host), or never."""
+
+    every = 0
+
+    def _take_sizes(self):
+        self.looks = getattr(self, "looks", 0) + 1
+        if self.every and self.looks % self.every == 0:
+            super()._take_sizes()
+
+
+def test_compact_state_room_grows_from_host_bounds_without_reading_sizes():
+    """The compact set's room is sized from a host-side upper bound of its size, tightened by the sizes of an
+    earlier step when their non-blocking copy has arrived: at once on a CPU (the bound is then exact before each
+    step, and the room at most slack_steps steps' keys beyond the size), every third step, or never (the bound grows
+    by the keys merged). In every case the bound never falls below the size, the set never runs out of room, and
+    the updates equal the dense layout's bit for bit, also over accumulated gradients (2k entries a step). A state
+    saved before the room existed (an exact-size set, no bound) loads and trains on alike."""
     batches = list(itertools.islice(bert_batches(seed=11), 8))
     runs = {}
-    for name, layout, slack in (("dense", "dense", 4), ("slack4", "compact", 4), ("slack1", "compact", 1)):
+    for name, layout, slack, every in (("dense", "dense", 4, 0), ("slack4", "compact", 4, 1),
+                                       ("slack1", "compact", 1, 1), ("late3", "compact", 2, 3),
+                                       ("never", "compact", 2, 0)):
         model = sparsegrad_bert(density=0.1)
-        opt = SparseGradOptimizer(model, lr=1e-2, state_layout=layout, slack_steps=slack)
+        opt = (SparseGradOptimizer if name in ("dense", "slack4", "slack1") else _LateSizes)(
+            model, lr=1e-2, state_layout=layout, slack_steps=slack)
+        opt.every = every
         for i, b in enumerate(batches):
             model(**b).loss.backward()
             if i == 6:  # two backwards, one step
                 continue
             opt.step()
             opt.zero_grad()
+            for _, a in sparse_layers(model) if layout == "compact" else ():
+                st, n = opt.state[a.weight], int(opt.state[a.weight]["count"])
+                assert n <= st["bound"] <= st["m"].numel(), (name, i)
+                if every == 1:
+                    assert st["m"].numel() <= n + (slack + 1) * 2 * a.k, (name, i)  # room tied to the size
         runs[name] = (model, opt)
     steps = len(batches) - 1
-    assert 1 <= runs["slack4"][1].size_reads < steps - 2 and runs["slack1"][1].size_reads >= steps - 2
-    for name in ("slack4", "slack1"):
+    assert runs["slack4"][1].size_reads == steps - 1 and runs["never"][1].size_reads == 0
+    assert 1 <= runs["late3"][1].size_reads < steps - 1
+    runs["slack4"][1]._take_sizes()  # the last step's sizes: the bounds are now exact
+    for name in ("slack4", "slack1", "late3", "never"):
         for (n, a), (_, c) in zip(sparse_layers(runs[name][0]), sparse_layers(runs["dense"][0])):
             assert torch.equal(a.weight, c.weight), (name, n)
             st = runs[name][1].state[a.weight]
             assert st["m"].numel() >= int(st["count"]) == int(st["t"].count_nonzero()) > 2 * a.k
+            if name == "slack4":
+                assert st["bound"] == int(st["count"])
+    # without sizes the bound is the keys merged so far (capped by the room), so the room is at least as large
+    for (_, a), (_, b) in zip(sparse_layers(runs["never"][0]), sparse_layers(runs["slack4"][0])):
+        assert runs["never"][1].state[a.weight]["bound"] >= runs["slack4"][1].state[b.weight]["bound"]
     # an old-format state (sorted ids, no bitmap): the sets cut to their entries, no "bound", int32 ids and step
     # counts; the next steps equal the dense layout's
     model, opt = runs["slack4"]

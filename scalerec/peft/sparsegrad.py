@@ -197,10 +197,10 @@ class SparseGradOptimizer(torch.optim.Optimizer):
       slot is its rank in the bitmap). ``scalerec::sparsegrad_compact_merge`` adds each step's new entries without
       a host sync. 10 bytes per selected entry with int16 step counts (see ``step_count_dtype``) plus 1/8 byte per
       weight entry, against 14 with the sorted int32 ids that the bitmap replaced. The host keeps
-      an upper bound of the set's size (it grows by at most the k selected entries a step) and reads the exact
-      sizes, for all weights in one transfer, only when a bound leaves no room for the next step; then every set
-      with room for fewer than ``slack_steps // 2`` steps grows to hold ``slack_steps`` steps' worth of new
-      entries. Memory follows the union of the selected entries (24 % of MiniLM's MLP entries after 300 steps on
+      an upper bound of the set's size (it grows by at most the k selected entries a step); a set whose bound
+      leaves no room for the next step's keys grows to hold ``slack_steps`` steps' worth beyond it. The exact
+      sizes follow each step to the host in one non-blocking copy for all weights and tighten the bounds once
+      they have arrived, so no step waits for them (on a CPU they arrive at once). Memory follows the union of the selected entries (24 % of MiniLM's MLP entries after 300 steps on
       SST-2), not the weight's size.
     * ``"dense"``: moments and step counts as dense tensors of the weight's shape (10 bytes per weight entry with
       int16 step counts; no merging at all).
@@ -228,7 +228,9 @@ class SparseGradOptimizer(torch.optim.Optimizer):
             raise ValueError(f"SparseGradOptimizer: slack_steps must be an int >= 1, got {slack_steps!r}")
         self.state_layout = state_layout
         self.slack_steps = slack_steps
-        self.size_reads = 0  # host reads of the compact sets' sizes (one transfer for all weights each)
+        self.size_reads = 0  # the compact sets' sizes taken on the host (one non-blocking copy for all weights each)
+        self._sizes_in_flight = None  # (event or None, host tensor, the sets' states) of the last sizes' copy
+        self._sizes_host = None  # its host buffer (pinned on a GPU)
         self.fused = bool(fused)
         self._layers = {id(m.weight): m for _, m in sparse_layers(model)}
         heads = tuple(head_names)
@@ -386,13 +388,15 @@ class SparseGradOptimizer(torch.optim.Optimizer):
 
     def _compact_positions(self, items, step_dtypes, given_keys) -> list[torch.Tensor]:
         """Merge each weight's selected entries into its compact entry set (new ones with zero moments) and return
-        their slots in it. Room first: a weight's set grows by at most its k selected entries a step, and
-        ``st["bound"]`` (host) is an upper bound of its size. Only when some bound leaves no room for this step's
-        keys are the exact sizes read: all the weights' in one transfer (so that their bounds stay in phase and the
-        next read is at least ``slack_steps // 2`` steps away), and every set with room for fewer steps than that
-        grows to hold ``slack_steps`` steps' worth. ``given_keys``: the selection's ids from the backward (int32
-        where the weight allows), or None."""
+        their slots in it. Room first, without a host sync: a weight's set grows by at most its k selected entries a
+        step, and ``st["bound"]`` (host) is an upper bound of its size. After each step's merges the exact sizes of
+        all sets go to the host in one non-blocking copy (:meth:`_send_sizes`); when it has arrived (on a GPU: its
+        event has completed; on a CPU: at once) a set's bound becomes that size plus the keys merged since
+        (:meth:`_take_sizes`). A set whose bound leaves no room for this step's keys grows to hold ``slack_steps``
+        steps' worth beyond its bound. ``given_keys``: the selection's ids from the backward (int32 where the weight
+        allows), or None."""
         keys, sets = [], []
+        self._take_sizes()
         for (p, st, idx, val), tdt, key in zip(items, step_dtypes, given_keys):
             keys.append(idx if key is None else key)
             if "words" not in st:
@@ -403,27 +407,60 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                 st["t"] = torch.zeros(cap, dtype=tdt, device=p.device)  # per-entry step counts
                 st["count"] = torch.zeros((), dtype=torch.long, device=p.device)
                 st["bound"] = 0
-            if st["m"].numel() < p.numel():  # a set that may run out of room (one as large as the weight cannot)
-                sets.append((p, st, idx.numel()))
-        if any(st.get("bound", st["m"].numel()) + k > st["m"].numel() for _, st, k in sets):
-            sizes = torch.stack([st["count"] for _, st, _ in sets]).tolist()  # one sync
-            self.size_reads += 1
-            ahead = max(1, self.slack_steps // 2)
-            for (p, st, k), n in zip(sets, sizes):
-                st["bound"] = n
-                cap = st["m"].numel()
-                if n + ahead * k > cap:
-                    grow = min(p.numel(), n + self.slack_steps * k) - cap
-                    for name in ("m", "v", "t"):
-                        st[name] = torch.cat([st[name], st[name].new_zeros(grow)])
+            cap, k = st["m"].numel(), idx.numel()
+            bound = st.get("bound", cap)  # a state saved without a bound: its buffer was cut to its entries
+            if cap < p.numel() and bound + k > cap:  # (a set as large as the weight cannot run out of room)
+                grow = min(p.numel(), bound + self.slack_steps * k) - cap
+                for name in ("m", "v", "t"):
+                    st[name] = torch.cat([st[name], st[name].new_zeros(grow)])
         merge = sparsegrad_compact_merge if self.fused else sparsegrad_compact_merge_reference
         where = []
         for (p, st, idx, val), key in zip(items, keys):
             st["words"], st["m"], st["v"], st["t"], pos, st["count"] = merge(st["words"], st["m"], st["v"], st["t"],
                                                                              key, p.numel())
             st["bound"] = min(st["m"].numel(), st.get("bound", st["m"].numel()) + key.numel())
+            st["merged_since_sent"] = st.get("merged_since_sent", 0) + key.numel()
+            sets.append(st)
             where.append(pos)
+        self._send_sizes(sets)
         return where
+
+    def _send_sizes(self, sets: list[dict]) -> None:
+        """Start copying the sets' sizes to the host: one stack and one copy; on a GPU a non-blocking copy into a
+        pinned buffer (kept for the next copies) with an event behind it. Skipped while the last copy is untaken."""
+        if self._sizes_in_flight is not None or not sets:
+            return
+        counts = torch.stack([st["count"] for st in sets])
+        cuda = counts.device.type == "cuda"
+        host = self._sizes_host
+        if host is None or host.shape != counts.shape or host.dtype != counts.dtype:
+            host = self._sizes_host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=cuda)
+        host.copy_(counts, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(counts.device))
+        for st in sets:
+            st["merged_since_sent"] = 0
+        self._sizes_in_flight = (event, host, sets)
+
+    def _take_sizes(self) -> None:
+        """Tighten the bounds with the sizes sent after an earlier step, if they have arrived (never waits)."""
+        if self._sizes_in_flight is None:
+            return
+        event, host, sets = self._sizes_in_flight
+        if event is not None and not self._arrived(event):
+            return
+        self._sizes_in_flight = None
+        self.size_reads += 1
+        for st, n in zip(sets, host.tolist()):
+            if "bound" in st:
+                st["bound"] = min(st["bound"], n + st.get("merged_since_sent", 0))
+
+    @staticmethod
+    def _arrived(event) -> bool:
+        """Whether a size copy's event has completed (``cudaEventQuery``: no wait)."""
+        return event.query()
 
 
 def freeze_except_head(model: nn.Module, head_names: Iterable[str] = ("classifier", "score")) -> None:

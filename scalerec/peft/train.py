@@ -351,7 +351,7 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
     sparse = [st for st in opt.state.values() if "t" in st]
     info["sparse_state_entries"] = sum(int(st["t"].count_nonzero()) for st in sparse)
     if hasattr(opt, "size_reads"):
-        info["sparse_size_reads"] = opt.size_reads  # host reads of the compact sets' sizes over the run
+        info["sparse_size_reads"] = opt.size_reads  # the compact sets' sizes taken on the host (non-blocking copies)
     info["sparse_state_mb"] = sum(st[n].numel() * st[n].element_size() for st in sparse
                                   for n in ("words", "m", "v", "t") if n in st) / 2**20
     timed = s.steps - warm
