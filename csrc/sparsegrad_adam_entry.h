@@ -1,5 +1,7 @@
 // One selected entry's lazy-Adam update, shared by the CPU loop (csrc/cpu/sparsegrad_adam_entries.cpp) and the CUDA
-// kernel (csrc/cuda/sparsegrad_adam_entries.cu), so the arithmetic that the CPU tests check is the GPU's too.
+// kernel (csrc/cuda/sparsegrad_adam_entries.cu), so the arithmetic that the CPU tests check is the GPU's too, up to
+// nvcc's --use_fast_math (approximate division and sqrt, denormals flushed: ~1e-7 relative; the CUDA tests compare
+// at rtol 1e-5).
 //   t += 1 (saturating at the step type's maximum);  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
 //   returns delta = -lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 // `acc_t` is the arithmetic type (float for float/half/bfloat16 state, double for double); the bias corrections

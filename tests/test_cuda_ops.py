@@ -308,9 +308,10 @@ def test_fused_lazy_adam_on_cuda_matches_the_reference():
 def test_grouped_lazy_adam_on_cuda_matches_the_reference(monkeypatch, dtype, group_mb):
     """The CUDA lazy-Adam operator updates the weights that share their bases together (one zero matrix of all
     their changes, one GEMM through U_out for the group, one through U_in per weight): against the Python reference
-    on the CPU, with two groups (3 and 2 weights sharing bases), a MeProp weight, a weight with no entries, repeated
-    indices in one weight (summed), and groups split one weight at a time (SCALEREC_SPARSEGRAD_GROUP_MB=0); the
-    per-weight loop (SCALEREC_SPARSEGRAD_LAZY_ADAM=generic) too."""
+    on the CPU, with two groups (3 and 2 weights sharing bases: the same tensors on the device), a MeProp weight, a
+    weight with no entries, repeated indices in one weight (summed), two square weights whose bases are one matrix
+    and its transposed view in either order (same storage, other strides: two groups), and groups split one weight
+    at a time (SCALEREC_SPARSEGRAD_GROUP_MB=0); the per-weight loop (SCALEREC_SPARSEGRAD_LAZY_ADAM=generic) too."""
     from scalerec.ops.sparse_grad import sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference
 
     if group_mb == "generic":  # the per-weight loop, kept for comparison
@@ -319,11 +320,11 @@ def test_grouped_lazy_adam_on_cuda_matches_the_reference(monkeypatch, dtype, gro
         monkeypatch.setenv("SCALEREC_SPARSEGRAD_GROUP_MB", group_mb)
     g = torch.Generator().manual_seed(8)
     orth = lambda n: torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0].to(dtype)  # noqa: E731
-    ua, va, ub, vb = orth(24), orth(16), orth(16), orth(24)
-    shapes = [(24, 16)] * 3 + [(16, 24)] * 2 + [(10, 7), (24, 16)]
-    uo = [ua, ua, ua, ub, ub, None, ua]
-    ui = [va, va, va, vb, vb, None, va]
-    ks = [30, 5, 40, 17, 33, 9, 0]
+    ua, va, ub, vb, q = orth(24), orth(16), orth(16), orth(24), orth(12)
+    shapes = [(24, 16)] * 3 + [(16, 24)] * 2 + [(10, 7), (24, 16), (12, 12), (12, 12)]
+    uo = ["ua", "ua", "ua", "ub", "ub", None, "ua", "q", "qT"]
+    ui = ["va", "va", "va", "vb", "vb", None, "va", "qT", "q"]
+    ks = [30, 5, 40, 17, 33, 9, 0, 20, 25]
     ws = [torch.randn(o, i, generator=g, dtype=torch.float64).to(dtype) for o, i in shapes]
     idx = [torch.randperm(o * i, generator=g)[:k].sort().values for (o, i), k in zip(shapes, ks)]
     idx[1] = torch.tensor([3, 3, 50, 51, 51])  # repeated entries add up (as index_add does)
@@ -336,7 +337,10 @@ def test_grouped_lazy_adam_on_cuda_matches_the_reference(monkeypatch, dtype, gro
 
     def case(dev):
         on = lambda xs: [None if x is None else x.clone().to(dev) for x in xs]  # noqa: E731
-        return [on(ws), on(ms), on(vs), on(ts), on(pos), on(idx), on(vals), on(uo), on(ui)]
+        bases = {n: b.clone().to(dev) for n, b in dict(ua=ua, va=va, ub=ub, vb=vb, q=q).items()}  # one copy each
+        bases["qT"] = bases["q"].t()  # a view: q's storage, other strides
+        named = lambda xs: [None if x is None else bases[x] for x in xs]  # noqa: E731
+        return [on(ws), on(ms), on(vs), on(ts), on(pos), on(idx), on(vals), named(uo), named(ui)]
 
     gpu, cpu = case(DEV), case("cpu")
     for _ in range(2):

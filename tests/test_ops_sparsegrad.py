@@ -94,14 +94,15 @@ def _adam_case(dtype, seed=4):
     return ws, m, v, t, pos, idx, vals, uo, ui
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_lazy_adam_op_matches_reference(dtype):
     """The fused lazy-Adam operator against its Python reference (torch._foreach_*) over several steps: step counts
-    exactly, state and weights to rounding (the kernel computes the bias corrections in float64); the entries
-    outside the selection keep their state."""
+    exactly, state and weights to rounding (both compute the bias corrections in float64; bfloat16 values in float32,
+    rounded once); the entries outside the selection keep their state."""
     from scalerec.ops.sparse_grad import sparsegrad_lazy_adam_, sparsegrad_lazy_adam_reference
 
-    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-7)
+    tol = {torch.float64: dict(rtol=1e-12, atol=1e-14), torch.float32: dict(rtol=1e-5, atol=1e-7),
+           torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5)}[dtype]
     a = _adam_case(dtype)
     b = [[x.clone() if isinstance(x, torch.Tensor) else x for x in lst] for lst in a]
     untouched = a[1][0].clone()
@@ -322,6 +323,30 @@ def test_topk_grad_large_matrix_selection(case):
     want = _topk_abs_with_ties(G.flatten(), k)
     assert torch.equal(idx, want)
     assert torch.equal(val, G.flatten()[want])
+
+
+@pytest.mark.parametrize("O,I", [(512, 256), (20, 30)])  # the sampled path and the full one
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_topk_grad_ranks_nan_first(O, I, dtype):
+    """NaN entries of the gradient rank above every magnitude, as in torch.topk (a plain `>` in nth_element is no
+    strict weak order with NaNs: undefined behaviour); the rest are the largest magnitudes, ties in index order."""
+    torch.manual_seed(3)
+    G = torch.randn(O, I).to(dtype)
+    G[O // 3, I // 2] = float("nan")
+    eye = torch.eye(O, dtype=dtype)
+    # grad_outᵀ x with grad_out = I: x itself, except that 0 * NaN spreads the NaN over its column
+    P = G.clone()
+    P[:, I // 2] = float("nan")
+    k = O + 40
+    idx, val = sparsegrad_topk_grad(eye, G, None, None, k)
+    a = P.flatten().float().abs()
+    a[a.isnan()] = float("inf")  # no infinities in G: the NaNs rank first
+    want = _topk_abs_with_ties(a, k)
+    assert torch.equal(idx, want)
+    assert int(val.isnan().sum()) == O and torch.equal(val.isnan(), P.flatten()[want].isnan())
+    assert torch.equal(val[~val.isnan()], P.flatten()[want][~P.flatten()[want].isnan()])
+    only = torch.full((O, I), float("nan"), dtype=dtype)  # all NaN: the first k by index
+    assert torch.equal(sparsegrad_topk_grad(eye, only, None, None, 40)[0], torch.arange(40))
 
 
 def _compact_state(known, capacity, n, seed=0, step_dtype=torch.int32):

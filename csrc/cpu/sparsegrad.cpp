@@ -42,7 +42,14 @@ void check_rotation(const std::optional<at::Tensor>& u, int64_t n, const char* n
   TORCH_CHECK(u->device() == like.device(), "sparsegrad: ", name, " is on another device");
 }
 
-// Top-k of |v| (exact; ties at the threshold taken in index order). Large inputs: a stratified sample of the
+// "a ranks above b" for magnitudes, NaN above everything (torch.topk's order, and the CUDA kernel's): a strict weak
+// order even with NaNs, which nth_element needs (with a plain `>` a NaN breaks it: undefined behaviour).
+template <typename acc_t>
+inline bool above(acc_t a, acc_t b) {
+  return std::isnan(a) ? !std::isnan(b) : a > b;
+}
+
+// Top-k of |v| (exact; ties at the threshold taken in index order; NaNs rank first). Large inputs: a stratified sample of the
 // magnitudes gives a bound `lo` expected to let ~2k entries through; one pass collects those (in index order)
 // and only they are partially sorted and scanned. If fewer than k entries reach the bound, the full path runs
 // (nth_element over all n magnitudes and a scan of all n).
@@ -64,13 +71,13 @@ void topk_abs(const scalar_t* v, int64_t n, int64_t k, int64_t* out_idx, scalar_
       smp[i] = std::abs(static_cast<acc_t>(v[i * stride + int64_t((h >> 33) % uint64_t(stride))]));
     }
     const int64_t q = std::min<int64_t>(kSample - 1, (2 * k * kSample) / n + 32);
-    std::nth_element(smp.begin(), smp.begin() + q, smp.end(), std::greater<acc_t>());
+    std::nth_element(smp.begin(), smp.begin() + q, smp.end(), above<acc_t>);
     const acc_t lo = smp[q];
     cand.reserve(4 * k);
     mag.reserve(4 * k);
     for (int64_t i = 0; i < n; ++i) {
       const acc_t a = std::abs(static_cast<acc_t>(v[i]));
-      if (a >= lo) {
+      if (!above(lo, a)) {
         cand.push_back(i);
         mag.push_back(a);
       }
@@ -84,19 +91,20 @@ void topk_abs(const scalar_t* v, int64_t n, int64_t k, int64_t* out_idx, scalar_
     });
   }
   // 1) threshold = the k-th largest |v|; after nth_element every magnitude strictly above it is in mag[0, k-1)
-  std::nth_element(mag.begin(), mag.begin() + (k - 1), mag.end(), std::greater<acc_t>());
+  std::nth_element(mag.begin(), mag.begin() + (k - 1), mag.end(), above<acc_t>);
   const acc_t thr = mag[k - 1];
-  int64_t above = 0;
-  for (int64_t i = 0; i < k; ++i) above += mag[i] > thr;
+  int64_t n_above = 0;
+  for (int64_t i = 0; i < k; ++i) n_above += above(mag[i], thr);
   // 2) every entry above the threshold is taken; the rest of the k are ties at the threshold, in index order
-  int64_t ties = k - above;
+  int64_t ties = k - n_above;
   int64_t pos = 0;
   const int64_t m = fast ? (int64_t)cand.size() : n;
   for (int64_t j = 0; j < m && pos < k; ++j) {
     const int64_t i = fast ? cand[j] : j;
     const acc_t a = std::abs(static_cast<acc_t>(v[i]));
-    if (a > thr || (a == thr && ties > 0)) {
-      if (!(a > thr)) --ties;
+    const bool up = above(a, thr);
+    if (up || (ties > 0 && !above(thr, a))) {
+      if (!up) --ties;
       out_idx[pos] = i;
       out_val[pos] = v[i];
       ++pos;
@@ -196,24 +204,28 @@ void sparsegrad_rotated_update_cpu(const at::Tensor& weight, const at::Tensor& u
   const int64_t S = by_rows ? (int64_t)rows.size() : (int64_t)cols.size();
   const int64_t L = by_rows ? I : O;  // length of a T row
   auto aT = a.t().contiguous();       // row j of aT = column j of a (no copy when a is stored column-major)
-  auto T = at::zeros({S, L}, weight.options());
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "sparsegrad_rotated_update_cpu", [&] {
+  // half types: T accumulates in float and is rounded once, before the GEMM
+  const bool half = weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16;
+  auto T = at::zeros({S, L}, weight.options().dtype(half ? at::kFloat : weight.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "sparsegrad_rotated_update_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* dp = delta.data_ptr<scalar_t>();
     const scalar_t* ap = aT.data_ptr<scalar_t>();
-    scalar_t* tp = T.data_ptr<scalar_t>();
+    acc_t* tp = T.data_ptr<acc_t>();
     // Each thread owns a range of T rows and scans the entries: no write races.
     at::parallel_for(0, S, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t p = 0; p < k; ++p) {
         const int64_t r = ip[p] / I, c = ip[p] % I;
         const int64_t s = slot[by_rows ? r : c];
         if (s < lo || s >= hi) continue;
-        const scalar_t d = dp[p];
+        const acc_t d = static_cast<acc_t>(dp[p]);
         const scalar_t* arow = ap + (by_rows ? c : r) * L;
-        scalar_t* trow = tp + s * L;
-        for (int64_t j = 0; j < L; ++j) trow[j] += d * arow[j];
+        acc_t* trow = tp + s * L;
+        for (int64_t j = 0; j < L; ++j) trow[j] += d * static_cast<acc_t>(arow[j]);
       }
     });
   });
+  if (half) T = T.to(weight.scalar_type());
   auto sel = at::tensor(by_rows ? rows : cols, indices.options());
   auto bsel = b.index_select(1, sel);  // [O, |R|] or [I, |C|]
   if (by_rows) {

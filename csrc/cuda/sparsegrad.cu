@@ -358,6 +358,8 @@ void sparsegrad_rotated_update_cuda(const at::Tensor& weight, const at::Tensor& 
               "sparsegrad_rotated_update_: rotations must be [O, O] and [I, I]");
   TORCH_CHECK(indices_.dim() == 1 && indices_.sizes() == delta_.sizes(),
               "sparsegrad_rotated_update_: indices and delta must be 1-D of one length");
+  TORCH_CHECK(indices_.scalar_type() == at::kLong, "sparsegrad_rotated_update_: indices must be int64");
+  // (the ids' range is not checked here, unlike on the CPU: that would be a host sync; index_add_ asserts on device)
   const int64_t k = indices_.size(0);
   if (k == 0) return;
   c10::cuda::CUDAGuard guard(weight.device());

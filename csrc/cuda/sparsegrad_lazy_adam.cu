@@ -125,8 +125,12 @@ void sparsegrad_lazy_adam_cuda(at::TensorList weights, at::TensorList exp_avg, a
     return;
   }
   c10::cuda::CUDAGuard guard(weights[0].device());
-  // the rotated weights by their bases (and shape and dtype), in order of first appearance
-  std::map<std::tuple<const void*, const void*, int64_t, int64_t, int>, size_t> slot;
+  // Every check before the first launch, so that a bad argument leaves all the weights and moments as they were.
+  const int64_t cap = group_bytes_cap();
+  std::vector<size_t> generic, meprop;
+  // the rotated weights by their bases (storage, strides), shape and dtype, in order of first appearance
+  using Key = std::tuple<const void*, const void*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int>;
+  std::map<Key, size_t> slot;
   std::vector<std::vector<size_t>> groups;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& w = weights[i];
@@ -135,30 +139,26 @@ void sparsegrad_lazy_adam_cuda(at::TensorList weights, at::TensorList exp_avg, a
     TORCH_CHECK(positions[i].dim() == 1 && indices[i].dim() == 1 && g.dim() == 1 &&
                     positions[i].numel() == g.numel() && indices[i].numel() == g.numel(),
                 "sparsegrad_lazy_adam_: weight ", i, ": positions, indices and values must be 1-D of one length");
-    const std::optional<at::Tensor> uo = u_out.get(i), ui = u_in.get(i);
+    const std::optional<at::Tensor> uo = u_out.get(i), ui = u_in.get(i);  // c10::List::get returns a copy
     TORCH_CHECK(uo.has_value() == ui.has_value(),
                 "sparsegrad_lazy_adam_: weight ", i, ": give both rotations or neither");
     if (g.numel() == 0) continue;
-    if (g.scalar_type() != w.scalar_type() || !w.is_contiguous()) {  // rare: the generic loop (casts, strides)
-      c10::List<std::optional<at::Tensor>> uo1, ui1;
-      uo1.push_back(uo);
-      ui1.push_back(ui);
-      sparsegrad_lazy_adam_({w}, {exp_avg[i]}, {exp_avg_sq[i]}, {steps[i]}, {positions[i]}, {indices[i]}, {g}, uo1,
-                            ui1, lr, beta1, beta2, eps);
-      continue;
-    }
     const int64_t O = w.size(0), I = w.size(1);
-    if (!uo.has_value()) {  // MeProp: the changes go straight into the weight
-      adam_scatter(exp_avg[i], exp_avg_sq[i], steps[i], positions[i], indices[i], g, w, I, I, 0, O * I, lr, beta1,
-                   beta2, eps);
+    TORCH_CHECK(!uo.has_value() || (uo->dim() == 2 && uo->size(0) == O && uo->size(1) == O && ui->dim() == 2 &&
+                                    ui->size(0) == I && ui->size(1) == I),
+                "sparsegrad_lazy_adam_: weight ", i, ": rotations must be [O, O] and [I, I]");
+    if (g.scalar_type() != w.scalar_type() || !w.is_contiguous()) {  // rare: the generic loop (casts, strides)
+      generic.push_back(i);
       continue;
     }
-    TORCH_CHECK(uo->dim() == 2 && uo->size(0) == O && uo->size(1) == O && ui->dim() == 2 && ui->size(0) == I &&
-                    ui->size(1) == I,
-                "sparsegrad_lazy_adam_: weight ", i, ": rotations must be [O, O] and [I, I]");
+    if (!uo.has_value()) {  // MeProp: the changes go straight into the weight
+      meprop.push_back(i);
+      continue;
+    }
     TORCH_CHECK(uo->scalar_type() == w.scalar_type() && ui->scalar_type() == w.scalar_type(),
                 "sparsegrad_lazy_adam_: weight ", i, ": rotation dtypes differ from the weight's");
-    auto key = std::make_tuple(uo->data_ptr(), ui->data_ptr(), O, I, static_cast<int>(w.scalar_type()));
+    const Key key{uo->data_ptr(), ui->data_ptr(), uo->stride(0), uo->stride(1), ui->stride(0), ui->stride(1), O, I,
+                  static_cast<int>(w.scalar_type())};
     auto it = slot.find(key);
     if (it == slot.end()) {
       it = slot.emplace(key, groups.size()).first;
@@ -166,12 +166,24 @@ void sparsegrad_lazy_adam_cuda(at::TensorList weights, at::TensorList exp_avg, a
     }
     groups[it->second].push_back(i);
   }
-  const int64_t cap = group_bytes_cap();
+  for (const size_t i : generic) {
+    c10::List<std::optional<at::Tensor>> uo1, ui1;
+    uo1.push_back(u_out.get(i));
+    ui1.push_back(u_in.get(i));
+    sparsegrad_lazy_adam_({weights[i]}, {exp_avg[i]}, {exp_avg_sq[i]}, {steps[i]}, {positions[i]}, {indices[i]},
+                          {values[i]}, uo1, ui1, lr, beta1, beta2, eps);
+  }
+  for (const size_t i : meprop) {
+    const int64_t O = weights[i].size(0), I = weights[i].size(1);
+    adam_scatter(exp_avg[i], exp_avg_sq[i], steps[i], positions[i], indices[i], values[i], weights[i], I, I, 0, O * I,
+                 lr, beta1, beta2, eps);
+  }
   for (const auto& members : groups) {
     const at::Tensor& w0 = weights[members[0]];
     const int64_t O = w0.size(0), I = w0.size(1);
-    const at::Tensor& uo = *u_out.get(members[0]);
-    const at::Tensor& ui = *u_in.get(members[0]);
+    // by value: c10::List<std::optional<Tensor>>::get returns a temporary, and a reference into it would dangle
+    const at::Tensor uo = *u_out.get(members[0]);
+    const at::Tensor ui = *u_in.get(members[0]);
     const int64_t per = std::max<int64_t>(1, cap / std::max<int64_t>(1, O * I * int64_t(w0.element_size())));
     for (size_t b = 0; b < members.size(); b += per) {
       const int64_t L = std::min<int64_t>(per, int64_t(members.size() - b));

@@ -267,33 +267,41 @@ def sparsegrad_rotated_update_reference(weight, u_out, u_in, indices, delta):
 def sparsegrad_lazy_adam_reference(weights, exp_avg, exp_avg_sq, steps, positions, indices, values, u_out, u_in,
                                    lr: float, beta1: float, beta2: float, eps: float) -> None:
     """Pure-PyTorch reference of :func:`sparsegrad_lazy_adam_`: the Adam arithmetic of all weights as
-    ``torch._foreach_*`` calls (equal to the operator's kernel to rounding: its bias corrections are computed in
-    float64). The rotated update itself is :func:`sparsegrad_rotated_update_` (tested against its own reference)."""
+    ``torch._foreach_*`` calls, the bias corrections computed in float64 as in the operator's kernel (so the two
+    agree to rounding); half-precision values go through :func:`sparsegrad_adam_entries_reference` per weight,
+    which computes in float32 and rounds once, as the kernel does (in bfloat16 itself, ``1 - 0.999`` rounds to 0).
+    The rotated update itself is :func:`sparsegrad_rotated_update_` (tested against its own reference)."""
     if not weights:
         return
-    ms = [m[p] for m, p in zip(exp_avg, positions)]
-    vs = [v[p] for v, p in zip(exp_avg_sq, positions)]
-    ts = [_saturating_increment(t[p]) for t, p in zip(steps, positions)]
-    torch._foreach_mul_(ms, beta1)
-    torch._foreach_add_(ms, list(values), alpha=1 - beta1)
-    torch._foreach_mul_(vs, beta2)
-    torch._foreach_addcmul_(vs, list(values), list(values), value=1 - beta2)
-    for st_m, st_v, st_t, p, m, v, t in zip(exp_avg, exp_avg_sq, steps, positions, ms, vs, ts):
-        st_m[p], st_v[p], st_t[p] = m, v, t
-    tf = [t.to(g.dtype) for t, g in zip(ts, values)]
-    # delta = -lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps), per entry with its own step count
-    bc1 = torch._foreach_pow(beta1, tf)
-    torch._foreach_neg_(bc1)
-    torch._foreach_add_(bc1, 1)
-    bc2 = torch._foreach_pow(beta2, tf)
-    torch._foreach_neg_(bc2)
-    torch._foreach_add_(bc2, 1)
-    den = torch._foreach_div(vs, bc2)
-    torch._foreach_sqrt_(den)
-    torch._foreach_add_(den, eps)
-    delta = torch._foreach_div(ms, bc1)
-    torch._foreach_mul_(delta, -lr)
-    torch._foreach_div_(delta, den)
+    if any(g.dtype in (torch.float16, torch.bfloat16) for g in values):
+        delta = [sparsegrad_adam_entries_reference(m, v, t, p, g, lr, beta1, beta2, eps)
+                 for m, v, t, p, g in zip(exp_avg, exp_avg_sq, steps, positions, values)]
+    else:
+        ms = [m[p] for m, p in zip(exp_avg, positions)]
+        vs = [v[p] for v, p in zip(exp_avg_sq, positions)]
+        ts = [_saturating_increment(t[p]) for t, p in zip(steps, positions)]
+        torch._foreach_mul_(ms, beta1)
+        torch._foreach_add_(ms, list(values), alpha=1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, list(values), list(values), value=1 - beta2)
+        for st_m, st_v, st_t, p, m, v, t in zip(exp_avg, exp_avg_sq, steps, positions, ms, vs, ts):
+            st_m[p], st_v[p], st_t[p] = m, v, t
+        td = [t.double() for t in ts]
+        # delta = -lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps), per entry with its own step count
+        bc1 = torch._foreach_pow(beta1, td)
+        torch._foreach_neg_(bc1)
+        torch._foreach_add_(bc1, 1)
+        bc2 = torch._foreach_pow(beta2, td)
+        torch._foreach_neg_(bc2)
+        torch._foreach_add_(bc2, 1)
+        bc1 = [b.to(g.dtype) for b, g in zip(bc1, values)]
+        bc2 = [b.to(g.dtype) for b, g in zip(bc2, values)]
+        den = torch._foreach_div(vs, bc2)
+        torch._foreach_sqrt_(den)
+        torch._foreach_add_(den, eps)
+        delta = torch._foreach_div(ms, bc1)
+        torch._foreach_mul_(delta, -lr)
+        torch._foreach_div_(delta, den)
     for w, idx, d, uo, ui in zip(weights, indices, delta, u_out, u_in):
         if uo is not None:
             sparsegrad_rotated_update_(w, uo, ui, idx, d.to(w.dtype))
