@@ -35,12 +35,20 @@ for _ in $(seq 1 90); do grep -q BUILD_RC /tmp/build.log 2>/dev/null && break; s
 say "build: $(grep BUILD_RC /tmp/build.log 2>&1); CUDA kernels: $($PY -c 'from scalerec.ops._lib import has_cuda_kernels; print(has_cuda_kernels())' 2>&1 | tail -1)"
 grep -iE "error" /tmp/build.log | head -5 | tee -a "$LOG"
 timeout 150 $PY -m pytest -q -p no:cacheprovider -rf tests/test_cuda_ops.py > "$R/cuda_tests.log" 2>&1
+TESTS_RC=$?
 grep -E "^FAILED|passed|failed" "$R/cuda_tests.log" | cut -c1-200 | tee -a "$LOG"
+# no summary line: pytest died (a segfault shows as faulthandler's traceback in the log), so no test names to go by;
+# every new path is replaced by the old one for the measurements
+if ! grep -qE "[0-9]+ (passed|failed)" "$R/cuda_tests.log"; then
+  say "CUDA tests died (rc $TESTS_RC): $(grep -m1 -E "Fatal Python error|Segmentation|File .*test_cuda_ops" "$R/cuda_tests.log" | cut -c1-160)"
+  export SCALEREC_SPARSEGRAD_SELECT=torch SCALEREC_SPARSEGRAD_LAZY_ADAM=generic
+  CRASHED=1
+fi
 # a failing new path is measured with the old one instead (and the failure is in the log)
 if grep -q "^FAILED.*\(radix\|torch_topk\)" "$R/cuda_tests.log"; then export SCALEREC_SPARSEGRAD_SELECT=torch; say "radix select FAILED: at::topk used"; fi
 if grep -q "^FAILED.*grouped_lazy_adam" "$R/cuda_tests.log"; then export SCALEREC_SPARSEGRAD_LAZY_ADAM=generic; say "grouped lazy Adam FAILED: generic loop used"; fi
 STATE=auto  # the compact lazy-Adam state (bitmap merge, csrc/cuda/sparsegrad_compact_merge.cu); dense if its tests fail
-if grep -q "^FAILED.*compact" "$R/cuda_tests.log"; then STATE=dense; say "compact merge FAILED: dense lazy-Adam state used"; fi
+if grep -q "^FAILED.*compact" "$R/cuda_tests.log" || [ -n "${CRASHED:-}" ]; then STATE=dense; say "compact merge FAILED or not tested: dense lazy-Adam state used"; fi
 
 # ---- 2. where the step goes: the new paths (radix select, grouped lazy Adam) against the old ones, same lease
 P=(benchmarks/sparsegrad_profile.py --device cuda --model "$MINILM" --steps 20 --sparse-state $STATE)

@@ -35,7 +35,8 @@ namespace scalerec {
 //            fixed so far; the last block to finish picks the digit that holds the k-th largest key and writes
 //            (prefix, need) for the next pass. After the last pass, T = prefix is the k-th largest key and `need`
 //            says how many of the keys equal to T are taken.
-//   radix_count_kernel: per chunk of kChunk entries, the keys > T and == T.
+//   radix_count_kernel: per chunk of kChunk entries, the keys > T and == T; the last block to finish turns both
+//            counts into their exclusive prefix sums over the chunks (one pass, not one sum per chunk).
 //   radix_write_kernel: every entry with key > T and the first `need` with key == T (ties in index order, as the
 //            CPU kernel takes them) go to their place in ascending index order, with their signed values.
 namespace {
@@ -85,7 +86,8 @@ struct SelectState {
 };
 
 // Workspace (one zero-filled int64 tensor): states [P + 1], then int32 histograms [P][kBins], finished-block
-// counters [P], and per-chunk counts [2][chunks].
+// counters [P + 1] (the digit passes, then the count kernel), and per-chunk counts [2][chunks] (the count kernel
+// leaves their exclusive prefix sums there).
 struct Workspace {
   SelectState* state;
   int* hist;
@@ -161,10 +163,44 @@ __global__ void __launch_bounds__(kThreads) radix_count_kernel(const scalar_t* _
   }
   using Reduce = cub::BlockReduce<int, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
+  __shared__ bool is_last;
   const int total = Reduce(tmp).Sum(packed);
   if (threadIdx.x == 0) {
     ws.counts[blockIdx.x] = total & 0xffff;
     ws.counts[chunks + blockIdx.x] = total >> 16;
+    __threadfence();  // this block's counts are visible device-wide before it reports done
+    is_last = atomicAdd(&ws.done[passes], 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  // The last block: the exclusive prefix sums of both counts over the chunks, in place, kChunk chunks a round
+  // (thread t holds chunks [kItems t, kItems (t + 1)) of the round). A chunk's two counts travel as one 64-bit
+  // word, (== T) << 32 | (> T): each sum is at most n <= INT_MAX, so the low half never carries into the high.
+  using Scan = cub::BlockScan<unsigned long long, kThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  unsigned long long carry = 0;  // the same in every thread: the sum of the rounds before
+  for (int64_t round = 0; round < chunks; round += kChunk) {
+    unsigned long long x[kItems];
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t c = round + threadIdx.x * (int64_t)kItems + j;
+      x[j] = c < chunks ? (static_cast<unsigned long long>(static_cast<unsigned int>(__ldcg(&ws.counts[c]))) |
+                           (static_cast<unsigned long long>(static_cast<unsigned int>(__ldcg(&ws.counts[chunks + c])))
+                            << 32))
+                        : 0ull;
+    }
+    unsigned long long before[kItems], round_total;  // round_total: the block-wide sum, given to every thread
+    Scan(scan_tmp).ExclusiveSum(x, before, round_total);
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t c = round + threadIdx.x * (int64_t)kItems + j;
+      if (c < chunks) {
+        const unsigned long long p = carry + before[j];
+        ws.counts[c] = static_cast<int>(p & 0xffffffffull);
+        ws.counts[chunks + c] = static_cast<int>(p >> 32);
+      }
+    }
+    carry += round_total;
+    __syncthreads();  // scan_tmp is reused by the next round
   }
 }
 
@@ -197,27 +233,10 @@ __global__ void __launch_bounds__(kThreads) radix_write_kernel(const scalar_t* _
   using key_t = typename K::type;
   const key_t T = static_cast<key_t>(ws.state[passes].prefix);
   const long long need = ws.state[passes].need;
-  // the entries above T and equal to T in the chunks before this one
-  long long gt = 0, eq = 0;
-  for (int b = threadIdx.x; b < blockIdx.x; b += kThreads) {
-    gt += ws.counts[b];
-    eq += ws.counts[chunks + b];
-  }
-  using Reduce = cub::BlockReduce<long long, kThreads>;
+  // the entries above T and equal to T in the chunks before this one (the count kernel's prefix sums)
+  const long long chunk_gt = ws.counts[blockIdx.x], chunk_eq = ws.counts[chunks + blockIdx.x];
   using Scan = cub::BlockScan<int, kThreads>;
-  __shared__ union {
-    typename Reduce::TempStorage reduce;
-    typename Scan::TempStorage scan;
-  } tmp;
-  __shared__ long long chunk_gt, chunk_eq;
-  const long long gt_sum = Reduce(tmp.reduce).Sum(gt);
-  __syncthreads();
-  const long long eq_sum = Reduce(tmp.reduce).Sum(eq);
-  if (threadIdx.x == 0) {
-    chunk_gt = gt_sum;
-    chunk_eq = eq_sum;
-  }
-  __syncthreads();
+  __shared__ typename Scan::TempStorage scan_tmp;
   // this thread's kItems consecutive entries, and the ones before them inside the chunk
   const int64_t base = blockIdx.x * (int64_t)kChunk + threadIdx.x * (int64_t)kItems;
   key_t keys[kItems];
@@ -228,7 +247,7 @@ __global__ void __launch_bounds__(kThreads) radix_write_kernel(const scalar_t* _
     if (i < n) packed += (keys[j] > T) ? 1 : (keys[j] == T ? (1 << 16) : 0);
   }
   int before;
-  Scan(tmp.scan).ExclusiveSum(packed, before);
+  Scan(scan_tmp).ExclusiveSum(packed, before);
   long long g = chunk_gt + (before & 0xffff), e = chunk_eq + (before >> 16);
   for (int j = 0; j < kItems; ++j) {
     const int64_t i = base + j;
@@ -252,14 +271,14 @@ void radix_topk_abs(const at::Tensor& G, int64_t k, const Outputs<scalar_t>& out
   const int64_t n = G.numel();
   const int chunks = static_cast<int>((n + kChunk - 1) / kChunk);
   // int64 words: the states, then the int32 arrays two to a word
-  const int64_t ints = int64_t(P) * kBins + P + 2 * int64_t(chunks);
+  const int64_t ints = int64_t(P) * kBins + (P + 1) + 2 * int64_t(chunks);
   const int64_t words = 2 * int64_t(P + 1) + (ints + 1) / 2;
   at::Tensor buf = at::zeros({words}, G.options().dtype(at::kLong));
   Workspace ws;
   ws.state = reinterpret_cast<SelectState*>(buf.data_ptr<int64_t>());
   ws.hist = reinterpret_cast<int*>(buf.data_ptr<int64_t>() + 2 * (P + 1));
   ws.done = reinterpret_cast<unsigned int*>(ws.hist + P * kBins);
-  ws.counts = reinterpret_cast<int*>(ws.done + P);
+  ws.counts = reinterpret_cast<int*>(ws.done + P + 1);
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, G.get_device()));
   const int hist_blocks = static_cast<int>(std::min<int64_t>(chunks, 4 * int64_t(sms)));
