@@ -5,7 +5,7 @@
 
 Same set-up as ``benchmarks/sparsegrad_sst2.py`` (MiniLM-L6, SST-2, batch 32 x 64 tokens, bf16 weight-gradient
 GEMMs). For each method it prints the ops with the most self time (device time on a GPU, CPU time otherwise)
-and counts the host syncs per step (``cudaStreamSynchronize`` / ``cudaMemcpy*`` / ``aten::item`` /
+and counts the host syncs per step (``cudaStreamSynchronize`` / ``cudaMemcpy`` / ``aten::item`` /
 ``aten::_local_scalar_dense`` calls). Ends by printing one JSON line of the figures.
 """
 from __future__ import annotations
@@ -19,7 +19,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync", "aten::item",
+# (cudaMemcpyAsync is counted apart: into pinned memory it does not block; into pageable memory it does)
+ASYNC_COPY = "cudaMemcpyAsync"
+LAUNCH = ("cudaLaunchKernel", "cuLaunchKernel")  # the runtime's and the driver's (cuBLAS may use either)
+SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "aten::item",
             "aten::_local_scalar_dense")
 
 
@@ -53,7 +56,7 @@ def launches_by_op(events, cuda: bool, steps: int, top: int = 20) -> list[dict]:
                                     "contiguous", "split", "chunk", "unbind", "narrow", "flatten", "numpy_T")}
     c = collections.Counter()
     for e in events:
-        if cuda and e.name.startswith("cudaLaunchKernel"):
+        if cuda and e.name.startswith(LAUNCH):
             region, outer = region_and_outer(e.cpu_parent) if e.cpu_parent is not None else ("?", None)
             c[(region, outer.name if outer is not None else "(no operator)")] += 1
         elif not cuda and is_op(e) and e.name not in quiet:
@@ -115,14 +118,17 @@ def profile_method(method: str, args) -> dict:
     top = sorted(ev, key=lambda e: getattr(e, key, 0) or 0, reverse=True)[: args.top]
     rows = [{"op": e.key, "self_ms_per_step": (getattr(e, key, 0) or 0) / 1e3 / len(todo),
              "calls_per_step": e.count / len(todo)} for e in top]
-    syncs = {e.key: e.count / len(todo) for e in ev if any(e.key.startswith(k) for k in SYNC_OPS)}
-    launches = sum(e.count for e in ev if e.key.startswith("cudaLaunchKernel")) / len(todo)
+    syncs = {e.key: e.count / len(todo) for e in ev
+             if e.key != ASYNC_COPY and any(e.key.startswith(k) for k in SYNC_OPS)}
+    async_copies = sum(e.count for e in ev if e.key == ASYNC_COPY) / len(todo)
+    launches = sum(e.count for e in ev if e.key.startswith(LAUNCH)) / len(todo)
     # the optimizer step's host time (its whole CPU time, children included; profiled), and its own (self) part
     opt_ev = [e for e in ev if e.key.startswith("Optimizer.step#")]
     opt_ms = sum(e.cpu_time_total for e in opt_ev) / 1e3 / len(todo)
     opt_self_ms = sum(e.self_cpu_time_total for e in opt_ev) / 1e3 / len(todo)
     print(f"== {method}: {step_ms:.2f} ms/step (unprofiled), kernel launches/step {launches:.0f}, syncs/step {syncs}, "
-          f"optimizer host ms/step {opt_ms:.2f} (self {opt_self_ms:.2f})", file=sys.stderr)
+          f"cudaMemcpyAsync/step {async_copies:.1f}, optimizer host ms/step {opt_ms:.2f} (self {opt_self_ms:.2f})",
+          file=sys.stderr)
     for r in rows:
         print(f"   {r['self_ms_per_step']:8.3f} ms  x{r['calls_per_step']:6.1f}  {r['op'][:90]}", file=sys.stderr)
     by_op = launches_by_op(prof.events(), cuda, len(todo))
@@ -131,6 +137,7 @@ def profile_method(method: str, args) -> dict:
     for r in by_op:
         print(f"   {r['per_step']:8.1f} x  {r['region'][:40]:40s} {r['op'][:60]}", file=sys.stderr)
     return {"step_ms": step_ms, "kernel_launches_per_step": launches, "syncs_per_step": syncs,
+            "async_copies_per_step": async_copies,
             "optimizer_host_ms": opt_ms, "optimizer_self_host_ms": opt_self_ms, "top": rows,
             ("launches_by_op" if cuda else "operator_calls_by_op"): by_op}
 

@@ -124,14 +124,14 @@ def main() -> int:
                          "CPU analogue of the GPU's allocator peak, without RSS's cache and fragmentation)")
     ap.add_argument("--out", default=None, help="also write all runs and the summary to this JSON file")
     args = ap.parse_args()
+    if args.worker:  # its settings carry the grad dtype the parent chose
+        worker(json.loads(args.worker))
+        return 0
     if args.grad_dtype == "auto":
         sys.path.insert(0, ROOT)
         from scalerec.peft.config import fast_grad_dtype
 
         args.grad_dtype = fast_grad_dtype(args.device)
-    if args.worker:
-        worker(json.loads(args.worker))
-        return 0
 
     if args.lm:
         methods = args.methods.split(",") if args.methods else ["lora", "sparsegrad"]

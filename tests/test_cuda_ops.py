@@ -264,7 +264,7 @@ def test_sparsegrad_layer_on_cuda():
     change = (layer.rotated_weight.double() - w0).abs()  # round-off of the float32 W outside the k entries
     assert int(sel.sum()) == 40 and torch.equal(change > 1e-4, sel)
     st = opt.state[layer.weight]
-    assert "idx" in st and st["idx"].is_cuda and int(st["t"].count_nonzero()) == 40  # "auto": compact moments
+    assert "words" in st and st["words"].is_cuda and int(st["t"].count_nonzero()) == 40  # "auto": compact (bitmap)
     # the same step with the dense layout gives the same weights
     model2 = torch.nn.Sequential(SparseGradLinear(lin_copy, uo, ui, k=40))
     opt2 = SparseGradOptimizer(model2, lr=1e-2, sparse_lr=1e-2, state_layout="dense")

@@ -321,11 +321,13 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if log is not None:
-            log({"event": "step", "step": step, "loss": losses[-1], "time": time.time()})
+        if progress or log is not None:  # the value now: on a GPU a host sync, which the timed runs go without
+            value = float(losses[-1])
+            bar.set_postfix(loss=f"{value:.4f}")
+            if log is not None:
+                log({"event": "step", "step": step, "loss": value, "time": time.time()})
 
     for step, batch in enumerate(itertools.islice(train_it, s.steps), start=1):
         if step == warm + 1:
@@ -339,6 +341,7 @@ def run_finetune(s: FinetuneSettings, log: Callable[[dict], None] | None = None,
         torch.cuda.synchronize(dev)
     t_end = time.perf_counter()
     bar.close()
+    losses = torch.stack(losses).float().tolist() if losses else []
     if cuda:
         torch.cuda.synchronize(dev)
         info["device"] = torch.cuda.get_device_name(dev)
