@@ -34,6 +34,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from scalerec.extras import require
+
+    require("peft", "transformers", command="finetune")  # every method loads its model with transformers
+    if args.method == "lora":
+        require("peft", "peft", command="finetune")
     from scalerec.peft.train import FinetuneSettings, jsonl_logger, run_finetune
 
     s = FinetuneSettings.from_overrides({"method": args.method, "model": args.model, "task": args.task},

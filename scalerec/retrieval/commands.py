@@ -61,6 +61,10 @@ def recommend(
     from scalerec.retrieval import make_index
     from scalerec.train.checkpoint import load_checkpoint
 
+    if str(index).strip().lower() not in ("exact", "bucket"):
+        from scalerec.extras import require
+
+        require("faiss", "faiss", command="recommend")
     if not (output.endswith(".parquet") or output.endswith(".jsonl")):
         raise ValueError(f"--output must end with .parquet or .jsonl, got {output!r}")
     if batch_size <= 0:
