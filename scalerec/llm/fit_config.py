@@ -41,6 +41,8 @@ class FitConfig:
                                      # vectors of every text left short of target_accuracy; the better result counts
     polish_lr: float = 1e-4
     polish_tau: float = 0.25
+    polish_max_wrong: int | None = None  # polish only texts with at most this many wrong tokens after the fit
+                                     # (a few tokens short); None: every text short of target_accuracy
     restart_patience: int | str | None = "auto"  # re-initialise a text whose best accuracy has not improved for
                                      # this many steps; "auto": restart_patience_for(n_tokens); None or 0: never
     grow_from: int | None = None     # curriculum: fit the text's first grow_from tokens, then 2x, 4x, ... and
@@ -70,6 +72,9 @@ class FitConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        w = self.polish_max_wrong
+        if not (w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 1)):
+            raise ValueError(f"polish_max_wrong must be an int >= 1 or None (every short text), got {w!r}")
         g = self.grow_from
         if not (g is None or (isinstance(g, int) and not isinstance(g, bool) and g >= 0)):
             raise ValueError(f"grow_from must be an int >= 1 (first stage's tokens), or None / 0 (off), got {g!r}")

@@ -39,7 +39,8 @@ def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, 
     """The fit of ``cfg``, then (``cfg.polish_steps``) the margin-loss polish of the texts it left short."""
     res = _fit_once(lm, token_lists, n_vectors, mode, cfg, shared_m=shared_m, init=init,
                     record_history=record_history, progress=progress, on_step=on_step)
-    short = [j for j, r in enumerate(res) if r.accuracy < cfg.target_accuracy]
+    short = [j for j, r in enumerate(res) if r.accuracy < cfg.target_accuracy
+             and (cfg.polish_max_wrong is None or wrong_tokens(r) <= cfg.polish_max_wrong)]
     if not cfg.polish_steps or not short:
         return res
     pcfg = polish_config(cfg)
@@ -69,11 +70,17 @@ def _fit(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, 
     return res
 
 
+def wrong_tokens(r: FitResult) -> int:
+    """How many of the text's tokens its best state gets wrong (from its token accuracy)."""
+    return int(round((1.0 - r.accuracy) * r.n_tokens))
+
+
 def polish_config(cfg: FitConfig) -> FitConfig:
     """The polishing fit's settings (see ``FitConfig.polish_steps``): the margin loss at ``polish_tau`` and
     ``polish_lr`` for ``polish_steps`` steps, no warm-up, no restarts, no stages; the rest as in ``cfg``."""
     return dataclasses.replace(cfg, max_steps=cfg.polish_steps, margin_tau=cfg.polish_tau, lr=cfg.polish_lr,
-                               warmup_steps=0, restart_patience=0, grow_from=None, polish_steps=0)
+                               warmup_steps=0, restart_patience=0, grow_from=None, polish_steps=0,
+                               polish_max_wrong=None)
 
 
 def _fit_once(lm: LoadedLM, token_lists: list[list[int]], n_vectors: int, mode: str, cfg: FitConfig,
