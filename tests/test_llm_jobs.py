@@ -75,7 +75,7 @@ def test_job_two_workers_writes_every_text_once_and_records_failures(tiny, ray_l
     lines.insert(8, json.dumps({"id": "long", "text": " ".join(["word"] * 200)}))  # > 48 positions
     inp = _write_jsonl(tmp_path / "in.jsonl", lines)
     spec = JobSpec(model=str(tiny), input=str(inp), output=str(tmp_path / "out"), shard_size=3, batch_size=2,
-                   workers=2, fit={"max_steps": 3})
+                   workers=2, fit={"max_steps": 3}, max_attempts=1)
     summary = run_job(spec, progress=False)
     assert summary["shards"] == 4 and summary["written"] == 4 and summary["texts"] == 12
     rows = read_outputs(tmp_path / "out")
@@ -87,8 +87,10 @@ def test_job_two_workers_writes_every_text_once_and_records_failures(tiny, ray_l
         r = ok[f"t{i}"]
         assert r["text"] == t and r["n_tokens"] == len(r["token_ids"]) > 0
         assert len(r["vectors"]) == 2 and len(r["vectors"][0]) == 32
-        assert r["steps"] <= 3 and r["seconds"] > 0 and 0.0 <= r["accuracy"] <= 1.0
+        assert r["steps"] <= 3 + 100 and r["seconds"] > 0 and 0.0 <= r["accuracy"] <= 1.0  # + the polish
+        assert r["attempts"] == 1 and r["stop_reason"] in ("exact", "ladder_end")
     failed = {r["id"]: r["error"] for r in rows if r["status"] == "failed"}
+    assert all(r["stop_reason"] == "input_error" and r["attempts"] == 0 for r in rows if r["status"] == "failed")
     assert "malformed JSON" in failed["line-4"] and "in.jsonl:4" in failed["line-4"]
     assert "is empty" in failed["empty"]
     assert "exceed the model context of 48" in failed["long"]
@@ -109,7 +111,8 @@ def test_killed_job_resumes_without_refitting(tiny, tmp_path):
     out = tmp_path / "out"
     # a fixed budget of 300 steps per text (the target accuracy is unreachable) keeps each shard busy a while
     cmd = [sys.executable, "-m", "scalerec.cli", "encode", "--model", str(tiny), "--input", str(inp), "--output",
-           str(out), "--shard-size", "2", "--workers", "1", "--max-steps", "300", "--fit", "target_accuracy=1.01", "--no-progress", "--json"]
+           str(out), "--shard-size", "2", "--workers", "1", "--max-steps", "300", "--fit", "target_accuracy=1.01", "--max-attempts",
+           "1", "--no-progress", "--json"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -149,6 +152,7 @@ def test_job_and_decode_on_smollm2(lm, tmp_path):
                  "--threads", "1", "--no-progress", "--json"]) == 0
     rows = read_outputs(out)
     assert [r["status"] for r in rows] == ["ok"] * 3 and all(r["accuracy"] == 1.0 for r in rows)
+    assert all(r["exact"] and r["stop_reason"] == "exact" and r["decoded_accuracy"] == 1.0 for r in rows)
     assert all(r["model"] == "smollm2" for r in rows)
     import io
     from contextlib import redirect_stdout
@@ -161,3 +165,37 @@ def test_job_and_decode_on_smollm2(lm, tmp_path):
         assert main(["decode", "--input", str(out), "--json"]) == 0
     summary = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert summary["decoded"] == 3 and summary["exact_match_tokens"] == 1.0
+    assert summary["by_length"] == {"1-16": {"exact": 3, "not_exact": 0, "failed": 0}}
+
+
+def test_mixed_length_job_returns_every_row_with_its_status(tiny, ray_local, tmp_path):
+    """Texts of 3 to 40 tokens and a bad line in one job: every record comes back once, with its attempts and why
+    its fitting stopped; the summary counts exact / not exact / failed by length bucket."""
+    from scalerec.llm.schedule import length_bucket
+
+    words = (ROOT / "data" / "text" / "tinyshakespeare_head.txt").read_text().split()
+    texts = [" ".join(words[:2]), " ".join(words[10:26]), " ".join(words[30:55])]  # 3, 23, 38 tokens
+    lines = [json.dumps({"id": f"t{i}", "text": t}) for i, t in enumerate(texts)] + ["{broken"]
+    inp = _write_jsonl(tmp_path / "in.jsonl", lines)
+    spec = JobSpec(model=str(tiny), input=str(inp), output=str(tmp_path / "out"), shard_size=2, batch_size=2,
+                   fit={"max_steps": 2, "polish_steps": 0})
+    summary = run_job(spec, progress=False)
+    rows = {r["id"]: r for r in read_outputs(tmp_path / "out")}
+    assert sorted(rows) == ["line-4", "t0", "t1", "t2"]
+    assert rows["line-4"]["status"] == "failed" and rows["line-4"]["stop_reason"] == "input_error"
+    want: dict = {}
+    for i in range(3):
+        r = rows[f"t{i}"]
+        assert r["status"] == "ok" and r["stop_reason"] in ("exact", "ladder_end")
+        assert r["attempts"] == len(r["attempt_log"]) >= 1
+        assert [a["attempt"] for a in r["attempt_log"]] == list(range(1, r["attempts"] + 1))
+        assert r["steps"] == sum(a["steps"] for a in r["attempt_log"])
+        assert r["exact"] == r["attempt_log"][-1]["exact"] == (r["stop_reason"] == "exact")
+        if not r["exact"]:  # missed every rung: all three were tried
+            assert r["attempts"] == 3 and r["decoded_accuracy"] < 1.0
+        c = want.setdefault(length_bucket(r["n_tokens"]), {"exact": 0, "not_exact": 0, "failed": 0})
+        c["exact" if r["exact"] else "not_exact"] += 1
+    want["unknown"] = {"exact": 0, "not_exact": 0, "failed": 1}
+    assert len({length_bucket(rows[f"t{i}"]["n_tokens"]) for i in range(3)}) == 3  # three length buckets
+    assert summary["by_length"] == want
+    assert summary["exact"] + summary["not_exact"] + summary["failed"] == 4

@@ -25,7 +25,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE",
-                   help="other FitConfig settings (JSON values), e.g. --fit clip_norm=0.5")
+                   help="other FitConfig settings (JSON values), e.g. --fit clip_norm=0.5; they hold for every attempt")
+    _add_defaults_args(p)
     p.add_argument("--shared-m", default=None, help="a shared m (.npy, from `scalerec encode --fit-shared-m`)")
     p.add_argument("--fit-shared-m", type=int, default=None, metavar="N_TEXTS",
                    help="first fit a shared m on the first N texts of the input, save it to OUTPUT/shared_m.npy "
@@ -51,6 +52,21 @@ def add_parser(subparsers) -> None:
     d.set_defaults(func=run_decode)
 
 
+def _add_defaults_args(p) -> None:
+    """The length rule, the escalation ladder and the estimate (docs/llm.md, "Defaults and escalation")."""
+    p.add_argument("--max-seconds-per-text", type=float, default=None,
+                   help="cost cap: a text gets no further attempt once that attempt's worst case could take it past "
+                        "this many seconds (default: no cap; the first attempt always runs)")
+    p.add_argument("--max-attempts", type=int, default=None,
+                   help="rungs of the escalation ladder to try (default: all 3; 1: no escalation)")
+    p.add_argument("--rule", choices=["length", "fixed"], default="length",
+                   help="length: settings by the text's token count (default); fixed: FitConfig's defaults for all")
+    p.add_argument("--estimate", action="store_true",
+                   help="fit nothing: print the expected exact rate and seconds per text for this file, from the "
+                        "model's calibration")
+    p.add_argument("--calibration", default=None, help="--estimate: a calibration file (default: the bundled one)")
+
+
 def _parse_fit(args) -> dict:
     from scalerec.overrides import parse_key_values
 
@@ -65,6 +81,9 @@ def _parse_fit(args) -> dict:
 def run_encode(args) -> int:
     from .jobs import SHARED_M, JobSpec, run_job
 
+    if args.estimate:
+        return run_estimate(args)
+
     shared = args.shared_m
     if args.fit_shared_m:
         if args.mode != "one-step":
@@ -73,13 +92,47 @@ def run_encode(args) -> int:
     spec = JobSpec(model=args.model, input=args.input, output=args.output, mode=args.mode, n_mem=args.n_mem,
                    shard_size=args.shard_size, batch_size=args.batch_size, workers=args.workers,
                    threads=args.threads, dtype=args.dtype, device=args.device, fit=_parse_fit(args),
-                   shared_m=shared, text_field=args.text_field, id_field=args.id_field)
+                   shared_m=shared, text_field=args.text_field, id_field=args.id_field, rule=args.rule,
+                   max_attempts=args.max_attempts, max_seconds_per_text=args.max_seconds_per_text)
     summary = run_job(spec, ray_address=args.address, progress=not args.no_progress, max_shards=args.max_shards)
     msg = (f"shards: {summary['written']} written, {summary['skipped']} already done (of {summary['shards']}); "
            f"texts {summary['texts']} ({summary['fitted']} fitted, {summary['exact']} exact, {summary['failed']} failed)")
-    print(msg, file=sys.stderr if args.json else sys.stdout)
+    print(msg + _by_length_lines(summary["by_length"]), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(summary))
+    return 0
+
+
+def _by_length_lines(by_length: dict) -> str:
+    return "".join(f"\n  {b:>8} tokens: {c['exact']} exact, {c['not_exact']} not exact, {c['failed']} failed"
+                   for b, c in by_length.items())
+
+
+def run_estimate(args) -> int:
+    """``scalerec encode --estimate``: tokenise the input, look its lengths up in the model's calibration."""
+    from .estimate import estimate, load_calibration
+    from .inputs import n_sink
+    from .jobs import read_records
+
+    recs = read_records(args.input, args.text_field, args.id_field)
+    lm = _load(args.model, args.dtype, args.device)
+    cal = load_calibration(lm.name, args.calibration)
+    extra = (args.n_mem if args.mode == "ar" else 0) + n_sink(lm)
+    lengths = []
+    for r in recs:
+        n = len(lm.encode(r.text)) if r.error is None else 0
+        lengths.append(n if 0 < n and n + extra <= lm.max_positions else None)
+    est = estimate(cal, args.mode, lengths)
+    line = (f"{est['texts']} texts ({est['failed']} would fail, {est['uncalibrated']} beyond the calibrated "
+            f"lengths {est['calibrated_lengths']}): expected exact rate {est['expected_exact_rate']}, "
+            f"{est['expected_seconds_per_text']} s per text, {est['expected_seconds']} s in all (one worker, the "
+            f"calibration's machine)")
+    for b, c in est["by_length"].items():
+        line += (f"\n  {b:>8} tokens: {c['texts']} texts, expected exact rate {c['expected_exact_rate']}, "
+                 f"{c['expected_seconds_per_text']} s per text")
+    print(line, file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(est))
     return 0
 
 
@@ -143,6 +196,7 @@ def run_decode(args) -> int:
     if ident.get("shared_m"):
         shared = torch.as_tensor(np.load(folder / SHARED_M), dtype=torch.float32)
     exact_tok = exact_text = 0
+    exact_ids: set = set()
     tok_correct = tok_total = 0
     shown = 0
     # group by length so one forward pass decodes a whole batch without padding waste
@@ -158,18 +212,24 @@ def run_decode(args) -> int:
             tok_correct += same
             tok_total += len(want)
             exact_tok += int(got == want)
+            if got == want:
+                exact_ids.add((r["shard"], r["source"]))
             text = lm.decode_ids(got)
             exact_text += int(text == r["text"])
             if shown < args.show:
                 print(f"[{r['id']}] {text!r}")
                 shown += 1
     n = len(ok)
-    summary = {"texts": len(rows), "decoded": n, "failed": len(rows) - n,
+    from .jobs import outcome_by_length
+
+    by_length = outcome_by_length(rows, exact=lambda r: (r["shard"], r["source"]) in exact_ids)
+    summary = {"by_length": by_length, "texts": len(rows), "decoded": n, "failed": len(rows) - n,
                "exact_match_tokens": exact_tok / n if n else 0.0, "exact_match_text": exact_text / n if n else 0.0,
                "token_accuracy": tok_correct / tok_total if tok_total else 0.0, "mode": ident["mode"],
                "shards": len(set(r["shard"] for r in rows)), "n_shards": man["n_shards"]}
     line = (f"{n} texts decoded ({len(rows) - n} failed at encode): exact match {summary['exact_match_tokens']:.3f} "
-            f"(tokens), {summary['exact_match_text']:.3f} (text); token accuracy {summary['token_accuracy']:.4f}")
+            f"(tokens), {summary['exact_match_text']:.3f} (text); token accuracy {summary['token_accuracy']:.4f}"
+            + _by_length_lines(by_length))
     print(line, file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(summary))

@@ -14,6 +14,10 @@ our shard numbers; explicit shards keep the output deterministic (see docs/llm.m
 Bad input never stops the job: a malformed JSONL line, a missing or non-string field, an empty text or a text
 longer than the model's context becomes a row with ``status="failed"`` and an ``error`` naming the file, line
 and field; the other texts are fitted as usual.
+
+Fit settings: by default the length rule and the escalation ladder of ``scalerec.llm.schedule`` (a text that greedy
+decoding does not reproduce after an attempt is fitted again with the next rung, up to ``max_seconds_per_text``);
+each row records its attempts, whether greedy decoding reproduces it (``exact``) and why its fitting stopped.
 """
 from __future__ import annotations
 
@@ -124,7 +128,10 @@ class JobSpec:
     threads: int = 1                  # torch threads per worker
     dtype: str | None = None
     device: str | None = None
-    fit: dict = field(default_factory=dict)   # FitConfig overrides
+    fit: dict = field(default_factory=dict)   # FitConfig overrides (hold for every attempt)
+    rule: str = "length"              # "length": the length rule (scalerec/llm/schedule.py); "fixed": FitConfig()
+    max_attempts: int | None = None   # rungs of the escalation ladder to try (None: all; 1: no escalation)
+    max_seconds_per_text: float | None = None  # no further attempt once its worst case could exceed this
     shared_m: str | None = None       # path of a shared m (.npy) for one-step mode; only e is fitted
     text_field: str = "text"
     id_field: str = "id"
@@ -133,7 +140,8 @@ class JobSpec:
         """The settings a rerun must match to resume (workers/threads/batch may change)."""
         return {"model": self.model, "mode": self.mode, "n_mem": self.n_mem, "shard_size": self.shard_size,
                 "fit": self.fit, "text_field": self.text_field, "id_field": self.id_field,
-                "dtype": self.dtype, "shared_m": bool(self.shared_m)}
+                "dtype": self.dtype, "shared_m": bool(self.shared_m), "rule": self.rule,
+                "max_attempts": self.max_attempts, "max_seconds_per_text": self.max_seconds_per_text}
 
 
 def shard_path(out: Path, k: int) -> Path:
@@ -176,7 +184,12 @@ def write_shard_atomic(rows: list[dict], path: Path) -> None:
         ("error", pa.string()), ("token_ids", pa.list_(pa.int32())), ("n_tokens", pa.int32()),
         ("vectors", pa.list_(pa.list_(pa.float32()))), ("accuracy", pa.float32()), ("steps", pa.int32()),
         ("seconds", pa.float32()), ("loss", pa.float32()), ("restarts", pa.int32()), ("mode", pa.string()),
-        ("model", pa.string()), ("shard", pa.int32()),
+        ("model", pa.string()), ("shard", pa.int32()), ("exact", pa.bool_()), ("decoded_accuracy", pa.float32()),
+        ("attempts", pa.int32()), ("stop_reason", pa.string()),
+        ("attempt_log", pa.list_(pa.struct([("attempt", pa.int32()), ("rung", pa.string()), ("steps", pa.int32()),
+                                            ("seconds", pa.float32()), ("accuracy", pa.float32()),
+                                            ("decoded_accuracy", pa.float32()), ("exact", pa.bool_()),
+                                            ("restarts", pa.int32())]))),
     ])
     table = pa.Table.from_pylist(rows, schema=schema)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -205,19 +218,18 @@ class ShardFitter:
     def __init__(self, spec: JobSpec, shared_m: np.ndarray | None = None):
         import torch
 
-        from .fitting import FitConfig
         from .model import load_causal_lm
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(max(1, int(spec.threads)))
         self.spec = spec
         self.lm = load_causal_lm(spec.model, dtype=spec.dtype, device=spec.device)
-        self.cfg = FitConfig(**fit_kwargs(spec.fit))
+        check_fit_settings(spec)
         self.shared_m = None if shared_m is None else torch.as_tensor(shared_m, dtype=torch.float32)
 
     def fit_shard(self, k: int, records: list[Record]) -> dict:
-        from .fitting import fit_ar, fit_one_step
         from .inputs import n_sink
+        from .schedule import encode_texts
 
         spec, lm = self.spec, self.lm
         t0 = time.perf_counter()
@@ -228,7 +240,8 @@ class ShardFitter:
         for j, rec in enumerate(records):
             row = {"id": rec.id, "text": rec.text, "source": rec.source, "status": "failed", "error": rec.error,
                    "token_ids": None, "n_tokens": None, "vectors": None, "accuracy": None, "steps": None,
-                   "seconds": None, "loss": None, "restarts": None, **base}
+                   "seconds": None, "loss": None, "restarts": None, "exact": None, "decoded_accuracy": None,
+                   "attempts": 0, "stop_reason": "input_error", "attempt_log": [], **base}
             rows.append(row)
             if rec.error is not None:
                 continue
@@ -245,27 +258,63 @@ class ShardFitter:
                                 f"{lm.max_positions} positions")
             else:
                 todo.append((j, toks))
-        # fit in batches of similar length (less padding)
-        todo.sort(key=lambda t: len(t[1]))
-        for b in range(0, len(todo), max(1, spec.batch_size)):
-            chunk = todo[b: b + spec.batch_size]
-            toks = [t for _, t in chunk]
-            if spec.mode == "one-step":
-                res = fit_one_step(lm, toks, self.cfg, shared_m=self.shared_m)
-            else:
-                res = fit_ar(lm, toks, n_mem=spec.n_mem, config=self.cfg)
-            for (j, _), r in zip(chunk, res):
-                rows[j].update(status="ok", error=None, vectors=r.vectors.numpy().tolist(), accuracy=r.accuracy,
-                               steps=r.steps, seconds=r.seconds, loss=r.loss, restarts=r.restarts)
+        # the length rule and the escalation ladder; texts of one setting are fitted in batches of similar length
+        res = encode_texts(lm, [t for _, t in todo], mode=spec.mode, n_mem=spec.n_mem, shared_m=self.shared_m,
+                           fit=fit_kwargs(spec.fit), rule=spec.rule, max_attempts=spec.max_attempts,
+                           max_seconds_per_text=spec.max_seconds_per_text, batch_size=spec.batch_size)
+        for (j, _), r in zip(todo, res):
+            rows[j].update(status="ok", error=None, vectors=r.vectors.numpy().tolist(), accuracy=r.accuracy,
+                           steps=r.steps, seconds=r.seconds, loss=r.loss, restarts=r.restarts, exact=r.exact,
+                           decoded_accuracy=r.decoded_accuracy, attempts=len(r.attempts), stop_reason=r.stop_reason,
+                           attempt_log=[a.to_dict() for a in r.attempts])
         write_shard_atomic(rows, shard_path(Path(spec.output), k))
         n_tok = sum(len(t) for _, t in todo)
         return {"shard": k, "texts": len(records), "fitted": len(todo), "tokens": n_tok,
                 "failed": sum(r["status"] == "failed" for r in rows),
-                "exact": sum(1 for r in rows if r["status"] == "ok" and r["accuracy"] >= 1.0),
-                "seconds": time.perf_counter() - t0}
+                "exact": sum(1 for r in rows if r["status"] == "ok" and r["exact"]),
+                "by_length": outcome_by_length(rows), "seconds": time.perf_counter() - t0}
 
     def ready(self) -> bool:
         return True
+
+
+def outcome_by_length(rows: list[dict], exact=None) -> dict:
+    """{length bucket: {"exact", "not_exact", "failed"}} over job rows; ``exact(row)`` says whether a fitted row
+    counts as exact (default: its recorded greedy exact-match)."""
+    from .schedule import length_bucket
+
+    out: dict = {}
+    for r in rows:
+        c = out.setdefault(length_bucket(r.get("n_tokens")), {"exact": 0, "not_exact": 0, "failed": 0})
+        if r["status"] != "ok":
+            c["failed"] += 1
+        elif (exact(r) if exact is not None else r.get("exact")):
+            c["exact"] += 1
+        else:
+            c["not_exact"] += 1
+    return out
+
+
+def add_outcomes(total: dict, part: dict) -> None:
+    for b, c in part.items():
+        t = total.setdefault(b, {"exact": 0, "not_exact": 0, "failed": 0})
+        for key, v in c.items():
+            t[key] += v
+
+
+def check_fit_settings(spec: JobSpec) -> None:
+    """The job's fit settings are valid for every rung of its ladder (an error before any model loads)."""
+    from .fitting import FitConfig
+    from .schedule import LADDER, attempt_settings
+
+    fit = fit_kwargs(spec.fit)
+    n = len(LADDER) if spec.max_attempts is None else spec.max_attempts
+    if not (isinstance(n, int) and 1 <= n <= len(LADDER)):
+        raise ValueError(f"max_attempts must be 1..{len(LADDER)} (the ladder's rungs), got {spec.max_attempts!r}")
+    if spec.max_seconds_per_text is not None and not spec.max_seconds_per_text > 0:
+        raise ValueError(f"max_seconds_per_text must be > 0, got {spec.max_seconds_per_text!r}")
+    for k in range(1, n + 1):
+        FitConfig(**attempt_settings(16, spec.mode, k, fit, spec.rule))
 
 
 def fit_kwargs(fit: dict) -> dict:
@@ -293,9 +342,9 @@ def run_job(spec: JobSpec, ray_address: str | None = None, progress: bool = True
     A worker that dies (killed, out of memory) is replaced and its shard retried up to ``max_retries`` times;
     an exception raised by the fitting code itself stops the job (finished shards stay on disk).
     """
-    fit_kwargs(spec.fit)  # fail early on unknown settings
     if spec.mode not in ("one-step", "ar"):
         raise ValueError(f"unknown mode {spec.mode!r}: 'one-step' or 'ar'")
+    check_fit_settings(spec)  # fail early on unknown or invalid settings
     if spec.mode == "ar" and spec.shared_m:
         raise ValueError("a shared m applies to one-step mode only")
     records = read_records(spec.input, spec.text_field, spec.id_field)
@@ -312,7 +361,8 @@ def run_job(spec: JobSpec, ray_address: str | None = None, progress: bool = True
         tmp.unlink(missing_ok=True)
     pending = [k for k in range(len(shards)) if not shard_path(out, k).exists()]
     summary = {"shards": len(shards), "skipped": len(shards) - len(pending), "written": 0, "texts": 0,
-               "fitted": 0, "failed": 0, "exact": 0, "tokens": 0, "seconds": 0.0, "workers": spec.workers}
+               "fitted": 0, "failed": 0, "exact": 0, "not_exact": 0, "tokens": 0, "seconds": 0.0,
+               "workers": spec.workers, "by_length": {}}
     if max_shards is not None:
         pending = pending[:max_shards]
     if not pending:
@@ -366,6 +416,8 @@ def run_job(spec: JobSpec, ray_address: str | None = None, progress: bool = True
             summary["written"] += 1
             for key in ("texts", "fitted", "failed", "exact", "tokens"):
                 summary[key] += res[key]
+            summary["not_exact"] += res["fitted"] - res["exact"]
+            add_outcomes(summary["by_length"], res["by_length"])
             el = time.perf_counter() - t0
             bar.update(res["texts"])
             bar.set_postfix(tok_s=f"{summary['tokens'] / max(el, 1e-9):.1f}", failed=summary["failed"])
