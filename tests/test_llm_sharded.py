@@ -114,3 +114,135 @@ def test_sharded_fit_equals_unsharded_float64(tiny_group, monkeypatch, mode):
     got = decode(lm, torch.stack([s.vectors for s in sharded]), lens, mode=fmode, shared_m=shared)
     want = decode(lm, torch.stack([r.vectors for r in ref]), lens, mode=fmode, shared_m=shared)
     assert got == want
+
+
+# ----------------------------------------------------------------------------------------------
+# the job contract in sharded mode
+
+def _char_tokenizer_config(folder, max_positions: int = 40):
+    """A config-only tiny Llama with a character-level tokenizer beside its config.json (no model download)."""
+    import json
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + sorted(set(string.printable) - set("\x0b\x0c")))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(folder)
+    cfg = {**TINY, "vocab_size": len(vocab), "max_position_embeddings": max_positions}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def _jsonl(path, lines):
+    import json
+
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+WORDS = "to be or not to be that is the question whether tis nobler in the mind to suffer".split()
+
+
+def _texts(n):
+    return [" ".join(WORDS[i % 7: i % 7 + 2 + i % 3]) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def char_model(tmp_path_factory):
+    return _char_tokenizer_config(tmp_path_factory.mktemp("cfg") / "tiny")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["one-step", "ar", "shared-m"])
+def test_sharded_job_every_text_once_failures_and_rerun(ray_local, char_model, tmp_path, mode):
+    import numpy as np
+
+    from scalerec.llm.jobs import JobSpec, read_outputs
+    from scalerec.llm.sharded_job import run_sharded_job
+
+    texts = _texts(7)
+    lines = [{"id": f"t{i}", "text": t} for i, t in enumerate(texts)]
+    lines.insert(2, "{broken")
+    lines.insert(5, {"id": "long", "text": "x" * 60})  # 60 characters: beyond the 40-position context
+    inp = _jsonl(tmp_path / "in.jsonl", lines)
+    shared = None
+    if mode == "shared-m":
+        shared = tmp_path / "m.npy"
+        np.save(shared, np.random.default_rng(0).normal(size=32).astype(np.float32))
+    spec = JobSpec(model=None, input=str(inp), output=str(tmp_path / "out"), mode="ar" if mode == "ar" else "one-step",
+                   shard_size=3, batch_size=2, workers=2, fit={"max_steps": 4}, shared_m=str(shared) if shared else None)
+    summary = run_sharded_job(spec, model_config=str(char_model), seed=1)
+    assert summary["shards"] == 3 and summary["written"] == 3 and summary["texts"] == 9
+    rows = read_outputs(tmp_path / "out")
+    assert sorted(r["id"] for r in rows) == sorted([f"t{i}" for i in range(7)] + ["line-3", "long"])
+    ok = {r["id"]: r for r in rows if r["status"] == "ok"}
+    assert set(ok) == {f"t{i}" for i in range(7)}
+    n_vec = {"one-step": 2, "ar": 1, "shared-m": 1}[mode]
+    for i, t in enumerate(texts):
+        r = ok[f"t{i}"]
+        assert r["text"] == t and r["n_tokens"] == len(t) and r["steps"] <= 4
+        assert len(r["vectors"]) == n_vec and len(r["vectors"][0]) == 32
+        assert r["model"].startswith("config:")
+    failed = {r["id"]: r["error"] for r in rows if r["status"] == "failed"}
+    assert "in.jsonl:3" in failed["line-3"] and "malformed JSON" in failed["line-3"]
+    assert "in.jsonl:6" in failed["long"] and "exceed the model context of 40" in failed["long"]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("shard-*.parquet")}
+    again = run_sharded_job(spec, model_config=str(char_model), seed=1)
+    assert again["written"] == 0 and again["skipped"] == 3
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("shard-*.parquet")} == mtimes
+
+
+@pytest.mark.slow
+def test_sharded_job_killed_rank_resumes_every_text_once(ray_local, char_model, tmp_path):
+    """Rank 1 SIGKILLs itself right after writing its first shard: the group is re-formed and the job completes;
+    the shards written before the kill are not rewritten, every text is in exactly one row."""
+    from scalerec.llm.jobs import JobSpec, read_outputs
+    from scalerec.llm.sharded_job import run_sharded_job
+
+    inp = _jsonl(tmp_path / "in.jsonl", [{"id": f"t{i}", "text": t} for i, t in enumerate(_texts(8))])
+    spec = JobSpec(model=None, input=str(inp), output=str(tmp_path / "out"), shard_size=2, batch_size=1,
+                   workers=2, fit={"max_steps": 3})
+    summary = run_sharded_job(spec, model_config=str(char_model), kill_rank=(1, 1))
+    assert summary["attempts"] == 2 and summary["written"] == 4
+    first, second = summary["written_by_attempt"]
+    assert len(first) >= 1 and set(first).isdisjoint(second) and sorted(first + second) == [0, 1, 2, 3]
+    rows = read_outputs(tmp_path / "out")
+    assert sorted(r["id"] for r in rows) == sorted(f"t{i}" for i in range(8))
+    assert not list((tmp_path / "out").glob(".*tmp*"))
+
+
+def test_sharded_bad_input_one_clear_error(ray_local, char_model, tmp_path):
+    from scalerec.llm.jobs import JobSpec
+    from scalerec.llm.sharded_job import run_sharded_job
+
+    inp = _jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "to be"}])
+    spec = JobSpec(model=str(tmp_path / "nothing-here"), input=str(inp), output=str(tmp_path / "out"), workers=2)
+    with pytest.raises(ValueError, match="nothing-here: neither a model file"):
+        run_sharded_job(spec)
+    with pytest.raises(FileNotFoundError, match="nope.json: neither a model config file"):
+        run_sharded_job(spec, model_config=str(tmp_path / "nope.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="bad.json: field 'model_type' is 'gpt2'"):
+        run_sharded_job(spec, model_config=str(bad))
+    many = JobSpec(**{**spec.__dict__, "model": None, "workers": 3})
+    with pytest.raises(ValueError, match="--workers 3 × --threads 1 need 3 CPUs, the Ray cluster has 2"):
+        run_sharded_job(many, model_config=str(char_model))
+
+
+def test_sharded_fit_text_longer_than_context_stops_every_rank(tiny_group):
+    """A text beyond the context on one rank: that rank names it, the other stops too (no rank hangs)."""
+    from scalerec.llm.sharded_job import fit_on_group
+
+    actors, _ = tiny_group
+    toks = _token_lists(2, [6, 45])  # the context is 40 positions
+    with pytest.raises(ray.exceptions.RayTaskError, match="rank 1: text 0: 45 tokens .* exceed the model context"):
+        fit_on_group(actors, toks, "one-step", 2, FitConfig(max_steps=2), batch_size=1)
+    # the group is still usable afterwards
+    res, _ = fit_on_group(actors, _token_lists(2, 5), "one-step", 2, FitConfig(max_steps=2), batch_size=1)
+    assert [r.steps for r in res] == [2, 2]

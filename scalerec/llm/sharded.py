@@ -189,7 +189,15 @@ def fit_sharded(slm: ShardedLM, token_lists: list[list[int]], n_vectors: int, mo
                          "run them data-parallel")
     if mode not in ("one-step", "ar"):
         raise ValueError(f"unknown mode {mode!r}: 'one-step' or 'ar'")
-    _check_tokens(slm, token_lists, n_vectors if mode == "ar" else 0)
+    try:  # every rank checks its texts before the first collective: one bad text stops all ranks, none hangs
+        _check_tokens(slm, token_lists, n_vectors if mode == "ar" else 0)
+        bad = None
+    except ValueError as exc:
+        bad = str(exc)
+    errors = [None] * slm.world
+    dist.all_gather_object(errors, bad)
+    if any(e is not None for e in errors):
+        raise ValueError("; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None))
     dev, dt, d = slm.device, slm.dtype, slm.hidden_size
     n = len(token_lists)
     st = _Slots(max(1, min(int(batch_size), n)), n_vectors, d, dev)

@@ -337,7 +337,8 @@ def run_sharded_job(spec: JobSpec, model_config: str | None = None, ray_address:
     pending = [k for k in range(len(shards)) if not shard_path(out, k).exists()]
     done_before = [k for k in range(len(shards)) if k not in set(pending)]
     summary = {"shards": len(shards), "skipped": len(shards) - len(pending), "written": 0, "texts": 0, "fitted": 0, "failed": 0, "exact": 0, "tokens": 0, "steps": 0,
-               "seconds": 0.0, "workers": spec.workers, "attempts": 0, "shard_model": "zero3"}
+               "seconds": 0.0, "workers": spec.workers, "attempts": 0, "shard_model": "zero3",
+               "written_by_attempt": []}
     if not pending:
         return summary
     started = ensure_ray(spec.workers, spec.threads, ray_address)
@@ -368,7 +369,9 @@ def run_sharded_job(spec: JobSpec, model_config: str | None = None, ray_address:
                 for res in results:
                     for key in ("fitted", "failed", "exact", "tokens", "steps"):
                         summary[key] += res[key]
-            pending = [k for k in range(len(shards)) if not shard_path(out, k).exists()]
+            now = [k for k in range(len(shards)) if not shard_path(out, k).exists()]
+            summary["written_by_attempt"].append([k for k in pending if k not in set(now)])
+            pending = now
         summary["attempts"] = attempt
     finally:
         if started:
