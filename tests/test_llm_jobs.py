@@ -199,3 +199,34 @@ def test_mixed_length_job_returns_every_row_with_its_status(tiny, ray_local, tmp
     assert len({length_bucket(rows[f"t{i}"]["n_tokens"]) for i in range(3)}) == 3  # three length buckets
     assert summary["by_length"] == want
     assert summary["exact"] + summary["not_exact"] + summary["failed"] == 4
+
+
+def test_encode_estimate_fits_nothing(lm, tmp_path):
+    """`scalerec encode --estimate`: the expected exact rate and seconds from a calibration, no fitting, no output."""
+    import io
+    from contextlib import redirect_stdout
+
+    from scalerec.cli import main
+    from scalerec.llm import commands
+    from scalerec.llm.estimate import write_calibration
+
+    cal = tmp_path / "cal.json"
+    write_calibration(cal, "smollm2", [
+        {"mode": "one-step", "n_tokens": 8, "texts": 2, "exact": 2, "mean_seconds_per_text": 10.0, "mean_steps": 30},
+        {"mode": "one-step", "n_tokens": 16, "texts": 2, "exact": 1, "mean_seconds_per_text": 30.0, "mean_steps": 90}],
+        source="test")
+    texts = [lm.decode_ids(passage_ids(lm, n, 0)) for n in (8, 12, 40)]
+    lines = [json.dumps({"id": i, "text": t}) for i, t in enumerate(texts)] + ["{broken"]
+    inp = _write_jsonl(tmp_path / "in.jsonl", lines)
+    commands._LOADED[("smollm2", None, None)] = lm
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["encode", "--model", "smollm2", "--input", str(inp), "--output", str(tmp_path / "out"),
+                     "--estimate", "--calibration", str(cal), "--json"]) == 0
+    est = json.loads(buf.getvalue().strip().splitlines()[-1])
+    n12 = len(lm.encode(texts[1]))
+    rate12 = 1.0 - 0.5 * (n12 - 8) / 8
+    assert est["texts"] == 4 and est["failed"] == 1 and est["uncalibrated"] == 1 and est["calibrated"] == 2
+    assert est["expected_exact"] == pytest.approx(1.0 + rate12, abs=0.01)
+    assert est["by_length"]["33-48"]["uncalibrated"] == 1
+    assert not (tmp_path / "out").exists()

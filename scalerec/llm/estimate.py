@@ -24,15 +24,16 @@ def calibration_path(model_name: str) -> Path:
     return CALIBRATION_DIR / (model_name.replace("/", "_").replace(os.sep, "_") + ".json")
 
 
-def write_calibration(path: str | os.PathLike, model: str, cells: list[dict], source: str) -> dict:
+def write_calibration(path: str | os.PathLike, model: str, cells: list[dict], source: str,
+                      date: str | None = None) -> dict:
     """Merge benchmark cells (``mode``, ``n_tokens``, ``texts``, ``exact``, ``mean_seconds_per_text``, ``mean_steps``)
     into the calibration file at ``path`` (a cell replaces the same mode and length of an earlier run)."""
     p = Path(path)
     data = json.loads(p.read_text()) if p.exists() else {"model": model, "figures": {}}
     if data.get("model") != model:
         raise ValueError(f"{p}: a calibration of {data.get('model')!r}, not {model!r}")
-    stamp = {"source": source, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-             "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip()}
+    stamp = {"source": source, "date": date or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+             "machine": f"{_cpu_name()}, {os.cpu_count()} cores"}
     for c in cells:
         data["figures"].setdefault(c["mode"], {})[str(c["n_tokens"])] = {
             "texts": c["texts"], "exact": c["exact"], "seconds_per_text": c["mean_seconds_per_text"],
@@ -40,6 +41,16 @@ def write_calibration(path: str | os.PathLike, model: str, cells: list[dict], so
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     return data
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def load_calibration(model_name: str, path: str | os.PathLike | None = None) -> dict:
