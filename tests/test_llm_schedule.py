@@ -16,7 +16,7 @@ from scalerec.llm.schedule import LADDER, attempt_settings, encode_texts, length
 # polish_max_wrong) of the first attempt.
 DOC_ONE_STEP = {8: (400, 100, None, 100, 1), 16: (400, 100, None, 100, 1), 17: (600, 400, None, 200, 2),
                 32: (600, 400, None, 200, 2), 48: (900, None, None, 300, 2), 64: (1200, None, None, 400, 3),
-                96: (2000, None, None, 400, 3), 128: (3000, None, None, 400, 4), 300: (3000, None, None, 400, 4)}
+                96: (3000, None, None, 400, 3), 128: (3000, None, None, 400, 4), 300: (3000, None, None, 400, 4)}
 DOC_AR = {16: (400, 100, None, 100, 1), 32: (1000, None, None, 200, 2), 48: (1500, None, 16, 400, 3),
           64: (2500, None, 16, 400, 3), 96: (3000, None, 16, 400, 4), 128: (3000, None, 16, 400, 4)}
 KEYS = ("max_steps", "restart_patience", "grow_from", "polish_steps", "polish_max_wrong")

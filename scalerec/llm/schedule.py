@@ -40,7 +40,7 @@ LENGTH_RULE: dict[str, list[tuple[int, dict]]] = {
         (32, dict(max_steps=600, restart_patience=400, grow_from=None, polish_steps=200, polish_max_wrong=2)),
         (48, dict(max_steps=900, restart_patience=None, grow_from=None, polish_steps=300, polish_max_wrong=2)),
         (64, dict(max_steps=1200, restart_patience=None, grow_from=None, polish_steps=400, polish_max_wrong=3)),
-        (96, dict(max_steps=2000, restart_patience=None, grow_from=None, polish_steps=400, polish_max_wrong=3)),
+        (96, dict(max_steps=3000, restart_patience=None, grow_from=None, polish_steps=400, polish_max_wrong=3)),
         (128, dict(max_steps=3000, restart_patience=None, grow_from=None, polish_steps=400, polish_max_wrong=4)),
     ],
     "ar": [
