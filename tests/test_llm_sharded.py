@@ -36,35 +36,6 @@ def _token_lists(n: int, length, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, TINY["vocab_size"], (ln,), generator=g).tolist() for ln in lens]
 
 
-def _unsharded_fit(monkeypatch, lm, toks, mode, n_vec, cfg, shared_m=None):
-    """The library's fitter on the whole model, with its per-step per-text losses (a spy on text_losses)."""
-    import scalerec.llm.fitting as fitting
-
-    calls = []
-    real = fitting.text_losses
-
-    def spy(logits, tgt, c):
-        out = real(logits, tgt, c)
-        calls.append(out[1].detach().double().clone())
-        return out
-
-    monkeypatch.setattr(fitting, "text_losses", spy)
-    active_log = [torch.ones(len(toks), dtype=torch.bool)]
-
-    def on_step(step, best_accuracy, active, seconds, best_vectors=None):
-        active_log.append(active.clone())
-
-    if mode == "one-step":
-        res = fitting.fit_one_step(lm, toks, cfg, shared_m=shared_m, on_step=on_step)
-    else:
-        res = fitting.fit_ar(lm, toks, n_mem=n_vec, config=cfg, on_step=on_step)
-    losses = [[] for _ in toks]
-    for s, plain in enumerate(calls):  # the step's batch: the texts active before it, in order
-        for j, i in enumerate(active_log[s].nonzero().flatten().tolist()):
-            losses[i].append(float(plain[j]))
-    return res, losses
-
-
 @pytest.fixture(scope="module")
 def tiny_group(ray_local):
     """2 Ray actors in one gloo group, each holding half of every parameter of a tiny float64 Llama."""
@@ -81,9 +52,10 @@ def tiny_group(ray_local):
 
 
 @pytest.mark.parametrize("mode", ["one-step", "ar", "shared-m"])
-def test_sharded_fit_equals_unsharded_float64(tiny_group, monkeypatch, mode):
+def test_sharded_fit_equals_unsharded_float64(tiny_group, mode):
     """2 gloo ranks, model partitioned: per-step losses, vectors and decoded ids = the unsharded fit (float64)."""
     from scalerec.llm.decoding import decode
+    from scalerec.llm.sharded import reference_fit
     from scalerec.llm.sharded_job import fit_on_group
 
     actors, lm = tiny_group
@@ -95,14 +67,14 @@ def test_sharded_fit_equals_unsharded_float64(tiny_group, monkeypatch, mode):
     sharded, sh_losses = fit_on_group(actors, toks, fmode, n_vec, cfg, batch_size=2, shared_m=shared)
     # the same texts in the batches the ranks formed (rank r: texts r, r + 2), unsharded: bit for bit
     for r in range(2):
-        sub, sub_losses = _unsharded_fit(monkeypatch, lm, toks[r::2], fmode, n_vec, cfg, shared)
+        sub, sub_losses = reference_fit(lm, toks[r::2], fmode, n_vec, cfg, shared)
         for j, i in enumerate(range(r, 4, 2)):
             assert sharded[i].steps == sub[j].steps and len(sh_losses[i]) == sharded[i].steps
             assert max(abs(a - b) for a, b in zip(sh_losses[i], sub_losses[j])) <= 1e-8
             torch.testing.assert_close(sharded[i].vectors, sub[j].vectors, rtol=0, atol=1e-8)
     # all four in one unsharded batch (other padding): the same fit; the reported loss is a float32 mean over
     # the padded row, whose summation order follows the padding: measured 1-2 float32 ulps (9.5e-7 at 4.5)
-    ref, ref_losses = _unsharded_fit(monkeypatch, lm, toks, fmode, n_vec, cfg, shared)
+    ref, ref_losses = reference_fit(lm, toks, fmode, n_vec, cfg, shared)
     for i in range(4):
         s, r = sharded[i], ref[i]
         assert (s.steps, s.restarts, s.accuracy) == (r.steps, r.restarts, r.accuracy)

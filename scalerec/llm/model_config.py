@@ -183,15 +183,26 @@ class SafetensorsWeights(WeightSource):
 def build_unsharded(config, source: WeightSource, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The whole model in this process with ``source``'s weights (the reference the sharded model must equal),
     frozen and in eval mode."""
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = model_class(config)(config)
-    finally:
-        torch.set_default_dtype(prev)
+    model = construct(config, dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(source.get(name, p.shape, dtype))
     model.eval()
     model.requires_grad_(False)
+    return model
+
+
+def construct(config, dtype: torch.dtype) -> torch.nn.Module:
+    """The model class of ``config`` built in ``dtype`` without initialising weights (they are all loaded next):
+    transformers' ``no_init_weights`` (which also skips the tying, done after)."""
+    from transformers.initialization import no_init_weights
+
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with no_init_weights():
+            model = model_class(config)(config)
+    finally:
+        torch.set_default_dtype(prev)
+    model.tie_weights()
     return model

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from .fit_config import (FitConfig, FitResult, _check_tokens, _text_seed, padded_targets,  # noqa: E402
                          restart_patience_for)
 from .fit_step import adamw_rows, text_losses  # noqa: E402
-from .model_config import WeightSource, model_class  # noqa: E402
+from .model_config import WeightSource, construct  # noqa: E402
 
 
 def ds_config() -> dict:
@@ -38,7 +38,9 @@ def ds_config() -> dict:
     tests' tiny models are really sharded), no optimizer."""
     return {"train_micro_batch_size_per_gpu": 1,
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                  "stage3_model_persistence_threshold": 0, "overlap_comm": False}}
+                                  "stage3_model_persistence_threshold": 0, "overlap_comm": False,
+                                  "stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0,
+                                  "stage3_max_live_parameters": 0}}
 
 
 @dataclass
@@ -125,7 +127,7 @@ def build_sharded_lm(config, source: WeightSource, dtype: torch.dtype = torch.fl
         # tensor_overrides=[]: keep the construction dtype (ZeRO's own cast knows fp16/bf16/fp32 only; float64 is
         # the equality tests' dtype); dtype=torch.float only satisfies its check
         with deepspeed.zero.Init(config_dict_or_path=cfg, dtype=torch.float, tensor_overrides=[]):
-            model = model_class(config)(config)
+            model = construct(config, dtype)
     finally:
         torch.set_default_dtype(prev)
     with torch.no_grad():
@@ -135,7 +137,10 @@ def build_sharded_lm(config, source: WeightSource, dtype: torch.dtype = torch.fl
                     p.data.copy_(source.get(pname, p.ds_shape, dtype))
     model.eval()
     model.requires_grad_(False)
+    # release every parameter right after its module ran (max_reuse_distance 0: ZeRO's default, 1e9, keeps a
+    # parameter gathered until its reuse in the backward, i.e. nearly the whole model on every rank), no prefetch
     DeepSpeedZeRoOffload(model, timers=None, ds_config=DeepSpeedConfig(cfg), overlap_comm=False,
+                         prefetch_bucket_size=0, max_reuse_distance=0, max_live_parameters=0,
                          param_persistence_threshold=0, model_persistence_threshold=0)
     emb = model.get_input_embeddings()
     sink_id = _sink_id(tokenizer, config, sink)
@@ -332,3 +337,41 @@ def _idle_step(slm: ShardedLM, mode: str, n_vectors: int, sm: torch.Tensor | Non
     tok_prev = slm.embedding(tgt)[:, :-1, :] if mode == "ar" else None
     shared = None if sm is None else sm.view(1, 1, d)
     slm.logits(x.to(slm.dtype), mode, 1, shared_m=shared, tok_prev=tok_prev).sum().backward()
+
+
+def reference_fit(lm, token_lists: list[list[int]], mode: str, n_vectors: int, cfg: FitConfig,
+                  shared_m: torch.Tensor | None = None) -> tuple[list[FitResult], list[list[float]]]:
+    """The library's unsharded fitter (``fit_one_step`` / ``fit_ar``, eager) on a whole model, with each text's
+    per-step mean CE: what :func:`fit_sharded` must equal. The losses are read by wrapping ``fitting.text_losses``
+    for the duration of the call (the fitter reports accuracies only); a step's batch is the texts active before it."""
+    import dataclasses
+
+    from . import fitting
+
+    calls: list[torch.Tensor] = []
+    real = fitting.text_losses
+
+    def spy(logits, tgt, c):
+        out = real(logits, tgt, c)
+        calls.append(out[1].detach().double().cpu().clone())
+        return out
+
+    active_log = [torch.ones(len(token_lists), dtype=torch.bool)]
+
+    def on_step(step, best_accuracy, active, seconds, best_vectors=None):
+        active_log.append(active.clone())
+
+    cfg = dataclasses.replace(cfg, step_mode="eager")
+    fitting.text_losses = spy
+    try:
+        if mode == "one-step":
+            res = fitting.fit_one_step(lm, token_lists, cfg, shared_m=shared_m, on_step=on_step)
+        else:
+            res = fitting.fit_ar(lm, token_lists, n_mem=n_vectors, config=cfg, on_step=on_step)
+    finally:
+        fitting.text_losses = real
+    losses: list[list[float]] = [[] for _ in token_lists]
+    for s, plain in enumerate(calls):
+        for j, i in enumerate(active_log[s].nonzero().flatten().tolist()):
+            losses[i].append(float(plain[j]))
+    return res, losses
