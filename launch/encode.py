@@ -1,15 +1,22 @@
 """``ray job submit`` entrypoint for an encoding job.
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+    RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 ray job submit --address http://HEAD:8265 \\
+        --runtime-env launch/runtime_env.yaml -- \\
         python -m launch.encode --model smollm2 --input texts.jsonl --output /shared/out --workers 16
 
 Inside ``ray job submit`` Ray sets ``RAY_ADDRESS`` and the job connects to that cluster; run directly, it
 starts a local Ray. Same options as ``scalerec encode`` (``--help``); rerunning the same command resumes.
+Joining a cluster with token authentication on (``--address HOST:6379`` or ``RAY_ADDRESS``) that refuses this
+process ends with one line naming the variables to set (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN``); jobs from
+``ray job submit`` inherit the head's and need none. The cluster recipe: docs/scaleout.md.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from launch.cluster_auth import refusal, refusal_in
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +26,19 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     commands.add_parser(sub)
     args = parser.parse_args(["encode", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
+    address = args.address or os.environ.get("RAY_ADDRESS", "")
+    refused = None if args.estimate else refusal(address)  # a cluster that wants a token this process lacks
+    if refused:
+        print(f"launch.encode: error: {refused}", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:
+        refused = refusal_in(exc, address) if address else None
+        if not refused:
+            raise
+        print(f"launch.encode: error: {refused}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
