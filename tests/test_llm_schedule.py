@@ -111,6 +111,9 @@ def test_polish_max_wrong_limits_which_texts_are_polished():
     every = encode_texts(lm, toks, "one-step", fit={**base, "polish_max_wrong": None}, max_attempts=1)[0]
     assert none.decoded_accuracy < 11 / 12  # more than one token wrong: not polished
     assert none.steps == 2 and every.steps == 7
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="polish_max_wrong"):
+            FitConfig(polish_max_wrong=bad)
 
 
 def test_estimate_interpolates_and_refuses_to_guess(tmp_path):
