@@ -50,7 +50,9 @@ def wait_ready(address: str, timeout: float, poll: float = 1.0) -> tuple[int, st
                 return 2, refused
             last = " ".join(str(exc).split())[:300] or type(exc).__name__
         time.sleep(poll)
-    return 1, f"not ready: {address} did not accept a job within {timeout:g} s (last: {last})"
+    hint = ("; the head's dashboard agent never registered: see dashboard_agent.log in the head's Ray session "
+            "logs (e.g. its port, 52365 by default, was taken)") if "No available agent" in last else ""
+    return 1, f"not ready: {address} did not accept a job within {timeout:g} s (last: {last}){hint}"
 
 
 def main(argv: list[str] | None = None) -> int:
