@@ -1,6 +1,6 @@
 """How closely each approximate loss follows exact CE on a trained model (no training: one checkpoint).
 
-    python benchmarks/loss_fidelity.py --checkpoint runs/beauty_demo/best.pt
+    python benchmarks/loss_fidelity.py --checkpoint runs/beauty_demo/best
     python benchmarks/loss_fidelity.py --checkpoint CKPT --quick          # 1 batch, 4 settings (~1 minute)
 
 For a few training batches of the checkpoint's dataset, the query states of the trained SASRec are scored with
@@ -38,21 +38,15 @@ QUICK = [("sce", {}), ("rece", {}), ("rece", {"rounds": 3}), ("ce_sampled", {})]
 
 
 def query_states(ckpt_path: str, n_batches: int, batch_size: int, seed: int):
-    from omegaconf import OmegaConf
-
     from scalerec.data.batching import iterate_batches
-    from scalerec.train.checkpoint import build_model
-    from scalerec.train.loop import dataset_from_config
+    from scalerec.data.source import dataset_from_config
+    from scalerec.train.checkpoint import load_checkpoint
 
-    if not os.path.isfile(ckpt_path):
-        raise SystemExit(f"--checkpoint {ckpt_path}: no such file (train one first, e.g. `scalerec train "
-                         f"launch/configs/beauty_demo.yaml`, and pass its best.pt)")
-    ck = torch.load(ckpt_path, weights_only=False)
-    cfg = OmegaConf.create(ck["config"])
+    if not os.path.isdir(ckpt_path):
+        raise SystemExit(f"--checkpoint {ckpt_path}: no such directory (train one first, e.g. `scalerec train "
+                         f"launch/configs/beauty_demo.yaml`, and pass its best/)")
+    model, cfg, _ = load_checkpoint(ckpt_path)
     ds = dataset_from_config(cfg)
-    model = build_model(cfg, ds.num_items)
-    model.load_state_dict(ck["model"])
-    model.eval()
     batches = iterate_batches(ds.train, batch_size, int(cfg.model.maxlen), np.random.default_rng(seed))
     H, Y = [], []
     with torch.no_grad():
@@ -92,7 +86,7 @@ def parse_settings(text: str) -> list[tuple[str, dict]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True, help="a scalerec checkpoint (best.pt / checkpoint.pt)")
+    ap.add_argument("--checkpoint", required=True, help="a scalerec checkpoint directory (OUTPUT_DIR/best)")
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)

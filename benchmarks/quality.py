@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from scalerec.train.config import load_config  # noqa: E402
-from scalerec.train.loop import train  # noqa: E402
+from scalerec.train.run import train  # noqa: E402
 
 PAPER = {"Beauty.txt": {"source": "SCE paper, SASRec-SCE on Beauty", "NDCG@10": 0.0544, "HR@10": 0.0935}}
 

@@ -5,8 +5,9 @@ the memory model against measurement, and the largest catalog trained on this ma
     python benchmarks/scaleout.py                    # C = 10^6 / 10^7 as in the issue
     python benchmarks/scaleout.py --only largest --largest 1e8   # the 10^8 run alone (needs ~15 GB)
 
-Every training run goes through the real trainer (``run_distributed``: Ray Train workers, DeepSpeed for the
-dense part, the row-sharded table, the distributed SCE) on the synthetic Zipf/cluster catalog. The ZeRO-3
+Every training run goes through the one trainer (``scalerec.train.run.train`` on Ray Train workers — W = 1 too —
+with DeepSpeed for the dense part at W > 1, the row-sharded table and the sharded loss) on the synthetic
+Zipf/cluster catalog. The ZeRO-3
 comparison runs two gloo processes with DeepSpeed ZeRO-3 holding the table as an ordinary ``nn.Embedding``
 parameter, against the same dense model with the row-sharded table. The last line is one JSON object.
 """
@@ -29,7 +30,7 @@ GB = 1e9
 
 
 def _cfg(items: float, workers: int, steps: int, out: str, name: str, **over):
-    from scalerec.train.ray_trainer import load_scaleout_config
+    from scalerec.train.config import load_config
 
     spec = f"synthetic:items={int(items)},users=1000000,clusters={min(2000, int(items) // 50)},len=50,eval_users=256"
     ov = [f"data.path={spec}", f"trainer.workers={workers}", "trainer.epochs=1", f"trainer.max_steps_per_epoch={steps}",
@@ -37,15 +38,16 @@ def _cfg(items: float, workers: int, steps: int, out: str, name: str, **over):
           "loss.params.n_buckets=32", "loss.params.bucket_size_x=64", "loss.params.bucket_size_y=128",
           "loss.params.tile=8192", "eval.valid_max_cases=64", "eval.batch_size=64", "scaleout.test_max_cases=64",
           "scaleout.table.dtype=bf16", "scaleout.table.optimizer=adagrad", "scaleout.table.layout=snake",
-          "scaleout.threads_per_worker=1", f"scaleout.ray.num_cpus={max(2, workers)}", f"output_dir={out}/{name}",
+          "trainer.threads=1", f"scaleout.ray.num_cpus={max(2, workers)}", f"output_dir={out}/{name}",
+          "scaleout.table.sharded=true", "scaleout.ray.address=local",
           f"scaleout.ray.storage_path={out}/ray", f"scaleout.ray.name={name}", "trainer.progress=false"]
     ov += [f"{k}={v}" for k, v in over.items()]
-    return load_scaleout_config(os.path.join(REPO, "launch", "configs", "synthetic_1e7.yaml"), ov)
+    return load_config(os.path.join(REPO, "launch", "configs", "synthetic_1e7.yaml"), ov)
 
 
 def run(items, workers, steps, out, name, log, **over):
-    from scalerec.train.ray_trainer import run_distributed
     from scalerec.train.plan import plan
+    from scalerec.train.run import train as run_distributed
 
     import shutil
 
@@ -55,10 +57,10 @@ def run(items, workers, steps, out, name, log, **over):
     t = time.time()
     r = run_distributed(cfg)
     n = len(r["step_losses"])
-    p = plan(int(items), 64, workers, "sce", "bf16", "adagrad", int(cfg.trainer.batch_size), 50, 2, 1, 2,
+    p = plan(int(items), 64, workers, str(cfg.loss.name), "bf16", "adagrad", int(cfg.trainer.batch_size), 50, 2, 1, 2,
              n_buckets=32, bucket_size_x=64,
              bucket_size_y=128, tile=8192)
-    rec = {"items": int(items), "workers": workers, "global_batch": r["global_batch"], "steps": n, "seconds_per_step": r["train_seconds"] / max(n, 1),
+    rec = {"items": int(items), "workers": workers, "loss": str(cfg.loss.name), "global_batch": r["global_batch"], "steps": n, "seconds_per_step": r["train_seconds"] / max(n, 1),
            "samples_per_s": r["global_batch"] * n / max(r["train_seconds"], 1e-9),
            "peak_rss_per_rank": r["peak_rss_per_rank"], "table_bytes": r["table_bytes"],
            "plan_total": p["total"], "wall_s": time.time() - t, "final_loss": r["final_loss"],
@@ -99,13 +101,12 @@ def _zero3_worker(rank, world, port, items, mode, steps, out_file):
     from omegaconf import OmegaConf
 
     from scalerec.losses import get_loss
+    from scalerec.models.build import build_model
     from scalerec.models.sharded_table import ShardedItemTable
-    from scalerec.train.ray_trainer import SCALEOUT_DEFAULTS, DenseSASRec
 
     _watch_peak(f"{out_file}.{rank}.live")
     deepspeed.init_distributed(dist_backend="gloo")
-    cfg = OmegaConf.create({"model": {"maxlen": 50, "hidden": 64, "num_blocks": 2, "num_heads": 1, "dropout": 0.0},
-                            **SCALEOUT_DEFAULTS})
+    cfg = OmegaConf.create({"model": {"maxlen": 50, "hidden": 64, "num_blocks": 2, "num_heads": 1, "dropout": 0.0}})
     torch.manual_seed(0)
     C, B, L = int(items), 64, 50
     ds = {"train_micro_batch_size_per_gpu": B // world, "gradient_accumulation_steps": 1,
@@ -131,7 +132,7 @@ def _zero3_worker(rank, world, port, items, mode, steps, out_file):
 
     g = torch.Generator().manual_seed(rank)
     if mode == "zero3":
-        dense = DenseSASRec(cfg)
+        dense = build_model(cfg, C, item_table=False)
         with deepspeed.zero.Init(config_dict_or_path=ds):  # the table is born partitioned (no full copy at init)
             table = torch.nn.Embedding(C + 1, 64)
         model = WithTable(dense, table)
@@ -144,7 +145,7 @@ def _zero3_worker(rank, world, port, items, mode, steps, out_file):
             engine.backward(loss)
             engine.step()
     else:
-        dense = DenseSASRec(cfg)
+        dense = build_model(cfg, C, item_table=False)
         table = ShardedItemTable(C, 64, group=dist.new_group(backend="gloo"), dtype="fp32", optimizer="adagrad")
         params = [p for p in dense.parameters() if p.requires_grad]
         engine, *_ = deepspeed.initialize(model=dense, optimizer=torch.optim.Adam(params), model_parameters=params,
@@ -195,6 +196,52 @@ def zero3_vs_sharded(items, out, log, steps=2):
     return res["zero3"] / res["sharded"], res, killed
 
 
+# ------------------------------------------------------------------------------------------- the scan's limit
+def scan_probe(rows: int, n_b: int, k: int, tile: int, log, dim: int = 64) -> dict:
+    """One rank's candidate scan (``bucket_topk`` over a bf16 shard of ``rows`` rows, converted tile by tile
+    inside the op) against this machine's copy bandwidth and GEMM rate, measured in the same process."""
+    import torch
+
+    from scalerec.ops.bucket_topk import bucket_topk
+
+    torch.manual_seed(0)
+    shard = torch.empty(rows, dim, dtype=torch.bfloat16)
+    for a in range(0, rows, 1 << 22):  # filled block by block: no fp32 copy of the shard
+        shard[a: a + (1 << 22)] = torch.randn(min(1 << 22, rows - a), dim)
+    dirs = torch.randn(n_b, dim)
+    bucket_topk(dirs, shard[: 1 << 16], k, tile=tile)  # warm-up
+    t = time.perf_counter()
+    bucket_topk(dirs, shard, k, tile=tile)
+    scan_s = time.perf_counter() - t
+    src = torch.empty(1 << 28, dtype=torch.uint8).fill_(1)  # 256 MiB copy: the memory bandwidth probe
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t = time.perf_counter()
+    for _ in range(4):
+        dst.copy_(src)
+    copy_gbs = 4 * 2 * src.numel() / (time.perf_counter() - t) / GB  # read + write
+    a_, b_ = torch.randn(n_b, dim), torch.randn(tile, dim)
+    torch.mm(a_, b_.t())
+    t, reps = time.perf_counter(), 200
+    for _ in range(reps):
+        torch.mm(a_, b_.t())
+    gemm_tile = 2 * n_b * dim * tile * reps / (time.perf_counter() - t) / GB
+    big = torch.randn(1024, 1024)
+    torch.mm(big, big)
+    t = time.perf_counter()
+    for _ in range(4):
+        torch.mm(big, big)
+    gemm_peak = 4 * 2 * 1024 ** 3 / (time.perf_counter() - t) / GB
+    out = {"scan_rows": rows, "scan_buckets": n_b, "scan_seconds": scan_s,
+           "scan_gb_per_s": rows * dim * 2 / scan_s / GB, "scan_gflop_per_s": 2 * n_b * rows * dim / scan_s / GB,
+           "copy_gb_per_s": copy_gbs, "gemm_gflop_per_s_scan_shape": gemm_tile, "gemm_gflop_per_s_1024": gemm_peak,
+           "threads": torch.get_num_threads()}
+    log(f"scan of {rows:.1e} bf16 rows x {n_b} buckets: {scan_s:.2f} s = {out['scan_gb_per_s']:.2f} GB/s, "
+        f"{out['scan_gflop_per_s']:.1f} GFLOP/s; machine: copy {copy_gbs:.1f} GB/s, GEMM {gemm_tile:.1f} GFLOP/s at "
+        f"the scan's tile shape, {gemm_peak:.1f} at 1024^3")
+    return out
+
+
 # ------------------------------------------------------------------------------------------- report
 def write_report(fig: dict, runs: list, out_dir: str) -> None:
     """``scaleout.md`` (figures + one row per training run) and ``scaleout_memory.png`` (plan vs measured)."""
@@ -206,11 +253,11 @@ def write_report(fig: dict, runs: list, out_dir: str) -> None:
              "kill (every 0.2 s), so the ZeRO-3/sharded ratio is then a measured lower bound.", "",
              "| figure | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in fig.items()]
-    lines += ["", "| C | W | global batch | steps | s/step | seq/s | peak RSS/rank (GB) | plan (GB) | plan error | "
-              "final loss | s/step by phase (rank 0) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| loss | C | W | global batch | steps | s/step | seq/s | peak RSS/rank (GB) | plan (GB) | plan error | "
+              "final loss | s/step by phase (rank 0) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
         ph = ", ".join(f"{k} {v:.3f}" for k, v in r.get("phase_s_per_step", {}).items()) or "—"
-        lines.append(f"| {r['items']:.0e} | {r['workers']} | {r.get('global_batch', 128)} | {r['steps']} | "
+        lines.append(f"| {r.get('loss', 'sce')} | {r['items']:.0e} | {r['workers']} | {r.get('global_batch', 128)} | {r['steps']} | "
                      f"{r['seconds_per_step']:.3f} | "
                      f"{r['samples_per_s']:.1f} | {max(r['peak_rss_per_rank']) / GB:.2f} | {r['plan_total'] / GB:.2f} | "
                      f"{r['plan_error']:.3f} | {r['final_loss']:.3f} | {ph} |")
@@ -245,13 +292,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(REPO, "runs", "bench_scaleout"))
     ap.add_argument("--largest", type=float, default=0, help="also train this catalog size with W=2 (e.g. 1e8)")
     ap.add_argument("--largest-steps", type=int, default=20)
-    ap.add_argument("--only", default="", help="comma list of parts: memory,throughput,zero3,largest")
+    ap.add_argument("--only", default="", help="comma list of parts: memory,throughput,zero3,largest,scan")
+    ap.add_argument("--scan-rows", type=float, default=0, help="rows of the scan probe's shard (default 5e7; "
+                    "--quick 5e6)")
     ap.add_argument("--zero3-items", type=float, default=0, help="catalog of the ZeRO-3 comparison (default 1e7)")
     ap.add_argument("--results", default=os.path.join(REPO, "benchmarks", "results", "scaleout.json"))
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     log = lambda m: print(f"[scaleout] {m}", file=sys.stderr, flush=True)  # noqa: E731
-    parts = set(args.only.split(",")) if args.only else {"memory", "throughput", "zero3"} | (
+    parts = set(args.only.split(",")) if args.only else {"memory", "throughput", "zero3", "scan"} | (
         {"largest"} if args.largest else set())
     small, big = (1e5, 1e6) if args.quick else (1e6, 1e7)
     steps = 4 if args.quick else 10
@@ -262,11 +311,17 @@ def main(argv=None) -> int:
 
     import ray
 
-    if parts - {"zero3"}:
+    if parts - {"zero3", "scan"}:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     if "throughput" in parts or "memory" in parts:
         r1 = run(small, 1, steps, args.out, f"w1_{int(small)}", log)
         r2 = run(small, 2, steps, args.out, f"w2_{int(small)}", log)  # the same global batch (128): strong scaling
+        # exact CE: every query against every item (N x C x d per step), so a smaller global batch and fewer steps
+        ce_over = {"loss.name": "ce", "loss.params": "{}", "trainer.batch_size": 32}
+        c1 = run(small, 1, 3, args.out, f"w1_{int(small)}_ce", log, **ce_over)
+        c2 = run(small, 2, 3, args.out, f"w2_{int(small)}_ce", log, **ce_over)
+        runs += [c1, c2]
+        fig["ce_samples_per_s_ratio_w2_w1_same_global_batch"] = c2["samples_per_s"] / c1["samples_per_s"]
         # data-parallel convention: each worker keeps its batch of 128 sequences, the global batch grows with W
         r2w = run(small, 2, steps, args.out, f"w2_{int(small)}_b256", log, **{"trainer.batch_size": 256})
         rb = run(big, 2, steps, args.out, f"w2_{int(big)}", log)
@@ -292,6 +347,8 @@ def main(argv=None) -> int:
         fig["zero3_catalog"] = int(zc)
         fig["zero3_peak_rss_gb"] = {k: v / GB for k, v in peaks.items()}
         fig.pop("zero3_note", None)  # a note on an earlier, smaller comparison no longer applies
+    if "scan" in parts:
+        fig.update(scan_probe(int(args.scan_rows or (5e6 if args.quick else 5e7)), 16, 128, 8192, log))
     if "largest" in parts and args.largest:
         try:
             rl = run(args.largest, 2, args.largest_steps, args.out, f"w2_{int(args.largest)}", log,
@@ -307,8 +364,9 @@ def main(argv=None) -> int:
     if ray.is_initialized():
         ray.shutdown()
     # one row per (C, W, global batch): a re-measured configuration replaces its earlier row
-    latest = {(r["items"], r["workers"], r.get("global_batch", 128)): r for r in runs}
-    runs = sorted(latest.values(), key=lambda r: (r["items"], r["workers"], r.get("global_batch", 128)))
+    key = lambda r: (r.get("loss", "sce"), r["items"], r["workers"], r.get("global_batch", 128))  # noqa: E731
+    latest = {key(r): r for r in runs}
+    runs = sorted(latest.values(), key=key)
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
     with open(args.results, "w") as f:
         json.dump({"figures": fig, "runs": runs}, f, indent=1)

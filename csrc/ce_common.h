@@ -56,9 +56,14 @@ inline void check_blockwise_ce(const at::Tensor& hidden, const at::Tensor& table
   check_targets("blockwise_ce", hidden, table, targets, row_start);
 }
 
+// allow_bf16_table: a bfloat16 table with float32 directions (the CPU kernel converts each tile on the fly)
 inline void check_bucket_topk(const at::Tensor& dirs, const at::Tensor& table, int64_t k, int64_t row_start,
-                              int64_t tile) {
-  check_pair("bucket_topk", dirs, table, "directions");
+                              int64_t tile, bool allow_bf16_table = false) {
+  if (allow_bf16_table && table.scalar_type() == at::kBFloat16 && dirs.scalar_type() == at::kFloat) {
+    check_pair("bucket_topk", dirs, table.narrow(0, 0, 0).to(at::kFloat), "directions");
+  } else {
+    check_pair("bucket_topk", dirs, table, "directions");
+  }
   TORCH_CHECK(row_start >= 0 && row_start <= table.size(0), "bucket_topk: row_start must lie in [0, C=",
               table.size(0), "], got ", row_start);
   TORCH_CHECK(k >= 1 && k <= table.size(0) - row_start, "bucket_topk: k must lie in [1, ", table.size(0) - row_start,

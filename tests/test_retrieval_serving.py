@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import types
 
 import faiss
 import numpy as np
@@ -16,7 +15,7 @@ from scalerec.data.dataset import EvalSet
 from scalerec.eval import evaluate, metrics_from_ranks
 from scalerec.eval.approx import evaluate_with_index
 from scalerec.models import SASRec
-from scalerec.train.checkpoint import save_checkpoint
+from scalerec.train.checkpoint import save_model_checkpoint
 
 faiss.omp_set_num_threads(1)
 torch.set_num_threads(1)
@@ -88,9 +87,8 @@ def checkpoint(tmp_path_factory, model_and_cases):
     d = tmp_path_factory.mktemp("ckpt")
     cfg = OmegaConf.create({"model": {"maxlen": MAXLEN, "hidden": D, "num_blocks": 1, "num_heads": 1, "dropout": 0.0}})
     item_ids = np.arange(C, dtype=np.int64) * 7 + 1000  # original ids differ from internal ones
-    ds = types.SimpleNamespace(item_ids=item_ids, num_items=C, fingerprint="test")
-    path = str(d / "best.pt")
-    save_checkpoint(path, model=model, optimizer=None, epoch=1, cfg=cfg, dataset=ds, metrics={})
+    path = str(d / "best")
+    save_model_checkpoint(path, model, cfg, item_ids, fingerprint="test")
     return path, item_ids
 
 

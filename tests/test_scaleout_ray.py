@@ -26,16 +26,17 @@ def ray_local():
 
 
 def _cfg(tmp, name, workers, epochs, **over):
-    from scalerec.train.ray_trainer import load_scaleout_config
+    from scalerec.train.config import load_config
 
     ov = [f"data.path={BEAUTY}", f"trainer.workers={workers}", f"trainer.epochs={epochs}",
           f"trainer.max_steps_per_epoch={STEPS}", "trainer.batch_size=64", "trainer.patience=0",
           "model.dropout=0.0", "model.maxlen=20", "eval.valid_max_cases=300", "scaleout.test_max_cases=300",
           "loss.params.n_buckets=16", "loss.params.bucket_size_x=32", "loss.params.bucket_size_y=64",
           "scaleout.table.optimizer=adagrad", "scaleout.table.lr=0.05", f"output_dir={tmp}/{name}",
+          "scaleout.table.sharded=true", "scaleout.ray.address=local",  # Ray workers (and a sharded table) at W = 1 too
           f"scaleout.ray.storage_path={tmp}/ray", f"scaleout.ray.name={name}"]
     ov += [f"{k}={v}" for k, v in over.items()]
-    return load_scaleout_config(os.path.join(os.path.dirname(BEAUTY), "..", "..", "launch", "configs",
+    return load_config(os.path.join(os.path.dirname(BEAUTY), "..", "..", "launch", "configs",
                                              "beauty_distributed.yaml"), ov)
 
 
@@ -49,7 +50,7 @@ def _ckpt_at(tmp, name, global_step):
 
 @pytest.fixture(scope="module")
 def runs(ray_local, tmp_path_factory):
-    from scalerec.train.ray_trainer import run_distributed
+    from scalerec.train.run import train as run_distributed  # trainer.workers > 1: Ray Train workers
 
     tmp = tmp_path_factory.mktemp("scaleout")
     out = {"tmp": tmp}
@@ -69,7 +70,8 @@ def test_two_workers_train_and_evaluate(runs):
     assert len(losses) == 2 * STEPS and all(0 < l < 20 for l in losses) and len(set(losses)) == len(losses)
     # six steps from a random init: well above the chance level of full ranking (HR@10 ~ 10/12101)
     assert a["valid"]["HR@10"] > 3 * 10 / 12101 and a["valid"]["cases"] == 300 and a["test"]["cases"] == 300
-    assert a["table_bytes"]["table"] > 0 and os.path.exists(os.path.join(a["output_dir"], "result.json"))
+    assert a["table_bytes"]["table"] > 0 and os.path.exists(os.path.join(a["output_dir"], "final.json"))
+    assert a["table_sharded"] and a["engine"] == "DeepSpeedEngine" and "COV@10" in a["test"]
 
 
 def test_resume_on_another_worker_count_gives_the_same_next_loss(runs):
@@ -82,7 +84,7 @@ def test_resume_on_another_worker_count_gives_the_same_next_loss(runs):
 
 def test_killed_worker_restores_from_last_checkpoint(runs):
     a, d = runs["A"], runs["D"]
-    assert os.path.exists(os.path.join(runs["tmp"], "ray", "D", ".fail_injected"))
+    assert os.path.exists(os.path.join(d["output_dir"], ".fail_injected"))
     assert d["restored_from"] == STEPS and d["global_step"] == 2 * STEPS
     assert d["restore_source"] in ("ray", "storage")  # Ray's get_checkpoint(), or the run's newest complete one
     dl, al = dict(d["step_losses"]), dict(a["step_losses"])
@@ -93,7 +95,8 @@ def test_killed_worker_restores_from_last_checkpoint(runs):
 
 
 def test_bad_configs_give_one_clear_error(ray_local, tmp_path):
-    from scalerec.train.ray_trainer import ScaleOutConfigError, run_distributed
+    from scalerec.train.run import RunConfigError as ScaleOutConfigError
+    from scalerec.train.run import train as run_distributed
 
     with pytest.raises(ScaleOutConfigError, match=r"trainer.workers \(3\).*cluster has 2"):
         run_distributed(_cfg(tmp_path, "bad", 3, 1))
@@ -101,5 +104,5 @@ def test_bad_configs_give_one_clear_error(ray_local, tmp_path):
         run_distributed(_cfg(tmp_path, "bad", 2, 1, **{"scaleout.deepspeed.zero_stage": 4}))
     with pytest.raises(ScaleOutConfigError, match=r"trainer.workers \(2\) is larger than the catalog"):
         run_distributed(_cfg(tmp_path, "bad", 2, 1, **{"data.path": "synthetic:items=1,users=10,clusters=1"}))
-    with pytest.raises(ScaleOutConfigError, match="no row-sharded version"):
+    with pytest.raises(ScaleOutConfigError, match="no row-sharded form"):
         run_distributed(_cfg(tmp_path, "bad", 2, 1, **{"loss.name": "bce", "loss.params": "{}"}))

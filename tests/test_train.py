@@ -7,7 +7,7 @@ import torch
 from scalerec.cli import main as cli
 from scalerec.models import SASRec
 from scalerec.train.config import ConfigError, load_config
-from scalerec.train.loop import train
+from scalerec.train.run import train
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_train_evaluate_resume(tmp_path, small_data):
     cfg3 = small_cfg(small_data, str(tmp_path / "straight"), "trainer.epochs=3", "trainer.patience=5")
     straight = train(cfg3, log=lambda *a: None)
     cfg_r = small_cfg(small_data, out, "trainer.epochs=3", "trainer.patience=5")
-    resumed = train(cfg_r, resume=os.path.join(out, "checkpoint.pt"), log=lambda *a: None)
+    resumed = train(cfg_r, resume=os.path.join(out, "checkpoint"), log=lambda *a: None)
     last_straight = [json.loads(l) for l in open(tmp_path / "straight" / "metrics.jsonl")][-1]
     last_resumed = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))][-1]
     assert last_resumed["epoch"] == 3
@@ -62,7 +62,7 @@ def test_train_evaluate_resume(tmp_path, small_data):
     assert resumed["test"]["NDCG@10"] == pytest.approx(straight["test"]["NDCG@10"], rel=1e-6)
 
     # `scalerec evaluate` reproduces the test metrics of the best checkpoint
-    rc = cli(["evaluate", os.path.join(out, "best.pt"), "--json"])
+    rc = cli(["evaluate", os.path.join(out, "best"), "--json"])
     assert rc == 0
 
 
@@ -72,7 +72,7 @@ def test_cli_evaluate_json(tmp_path, small_data, capsys):
               "trainer.epochs=1", "model.maxlen=10", "model.hidden=8", "trainer.progress=false"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    rc = cli(["evaluate", os.path.join(out, "best.pt"), "--json"])
+    rc = cli(["evaluate", os.path.join(out, "best"), "--json"])
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and metrics["NDCG@10"] == pytest.approx(result["test"]["NDCG@10"])
 
@@ -80,7 +80,7 @@ def test_cli_evaluate_json(tmp_path, small_data, capsys):
 def test_checkpoint_from_another_dataset(tmp_path, small_data, ml100k_path, capsys):
     out = str(tmp_path / "run")
     train(small_cfg(small_data, out, "trainer.epochs=1"), log=lambda *a: None)
-    rc = cli(["evaluate", os.path.join(out, "best.pt"), "--data", ml100k_path])
+    rc = cli(["evaluate", os.path.join(out, "best"), "--data", ml100k_path])
     assert rc == 2
     assert "trained on another dataset" in capsys.readouterr().err
 

@@ -1,6 +1,6 @@
 // bucket_topk(directions [B, d], table [C, d], k, row_start, tile) -> (values [B, k], indices [B, k]):
 // for each direction, the k rows of table[row_start:] with the largest inner product, sorted by decreasing
-// score (ties: smaller row id first). The table is streamed in tiles of `tile` rows: each task keeps a running
+// score (ties: smaller row id first). The table may be bfloat16 with float32 directions (converted per tile). The table is streamed in tiles of `tile` rows: each task keeps a running
 // min-heap of size k per direction and scores one [B, tile] block at a time, so [B, C] is never held.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -53,7 +53,7 @@ struct TopK {
 
 std::tuple<at::Tensor, at::Tensor> bucket_topk_cpu(const at::Tensor& dirs_, const at::Tensor& table_, int64_t k,
                                                    int64_t row_start, int64_t tile) {
-  ce::check_bucket_topk(dirs_, table_, k, row_start, tile);
+  ce::check_bucket_topk(dirs_, table_, k, row_start, tile, /*allow_bf16_table=*/true);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto dirs = dirs_.contiguous(), table = table_.contiguous();
   const int64_t B = dirs.size(0), C = table.size(0);
@@ -70,7 +70,8 @@ std::tuple<at::Tensor, at::Tensor> bucket_topk_cpu(const at::Tensor& dirs_, cons
       Heaps heaps(B, TopK<scalar_t>(k));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c0 = row_start + t * tile, cn = std::min(tile, C - c0);
-        auto scores = at::mm(dirs, table.narrow(0, c0, cn).t()).contiguous();  // [B, cn]: one tile
+        // [B, cn]: one tile (a bfloat16 table is converted tile by tile, never as a whole)
+        auto scores = at::mm(dirs, table.narrow(0, c0, cn).to(dirs.scalar_type()).t()).contiguous();
         const scalar_t* sp = scores.data_ptr<scalar_t>();
         for (int64_t b = 0; b < B; ++b) {
           auto& h = heaps[b];

@@ -8,7 +8,7 @@ from scalerec.losses.registry import register_loss, sample_uniform_negatives
 from scalerec.ops import gather_dot
 
 
-@register_loss("bce", defaults={})
+@register_loss("bce")
 def bce_loss(hidden, table, targets):
     """-log σ(s_pos) - log(1 - σ(s_neg)) per position, one uniform negative, averaged over positions."""
     C = table.size(0) - 1

@@ -14,7 +14,7 @@ def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
     return alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
 
 
-@register_loss("gbce", defaults={"num_negatives": 256, "t": 0.75})
+@register_loss("gbce")
 def gbce_loss(hidden, table, targets, num_negatives=256, t=0.75):
     """BCE over the positive and k uniform negatives, where σ(s_pos) is replaced by σ(s_pos)^β.
 

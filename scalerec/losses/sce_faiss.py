@@ -117,6 +117,7 @@ def reset_states() -> None:
     _STATES.clear()
 
 
+@register_loss("sce_faiss")
 def sce_faiss(
     hidden: torch.Tensor,
     table: torch.Tensor,
@@ -168,24 +169,3 @@ def sce_faiss(
     neg_logits = neg_logits.masked_fill((neg < 1) | (neg == targets.unsqueeze(1)), float("-inf"))
     logits = torch.cat([pos, neg_logits], dim=1)
     return F.cross_entropy(logits, torch.zeros(N, dtype=torch.long, device=hidden.device))
-
-
-@register_loss(
-    "sce_faiss",
-    defaults={
-        "index": "Flat",
-        "num_negatives": 256,
-        "num_uniform": 0,
-        "refresh_every": 100,
-        "retrain_every": 0,
-        "nprobe": None,
-        "efSearch": None,
-        "log_every": 0,
-        "index_params": None,
-        "state": None,
-    },
-)
-def sce_faiss_loss(hidden, table, targets, **params):
-    """SCE with candidates from a MIPS index (FAISS factory string, ``exact`` or ``bucket``), refreshed every
-    ``refresh_every`` steps; ``num_uniform`` uniform negatives mixed in."""
-    return sce_faiss(hidden, table, targets, **params)

@@ -43,7 +43,9 @@ class _Block(nn.Module):
 
 class SASRec(nn.Module):
     def __init__(self, num_items: int, maxlen: int = 200, hidden: int = 64, num_blocks: int = 2,
-                 num_heads: int = 1, dropout: float = 0.3):
+                 num_heads: int = 1, dropout: float = 0.3, item_table: bool = True):
+        """``item_table=False``: no item embedding of its own; ``encode`` then needs ``item_embeddings`` (the rows a
+        row-sharded table fetched), and the module holds only the dense part (blocks, positions, norms)."""
         super().__init__()
         for name, v in (("num_items", num_items), ("maxlen", maxlen), ("hidden", hidden),
                         ("num_blocks", num_blocks), ("num_heads", num_heads)):
@@ -52,7 +54,7 @@ class SASRec(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"model.dropout must lie in [0, 1), got {dropout}")
         self.num_items, self.maxlen, self.hidden = num_items, maxlen, hidden
-        self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=0)
+        self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=0) if item_table else None
         self.pos_emb = nn.Embedding(maxlen, hidden)
         self.emb_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(hidden, num_heads, dropout) for _ in range(num_blocks))
@@ -63,11 +65,14 @@ class SASRec(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() > 1:
                 nn.init.xavier_normal_(p)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+        if self.item_emb is not None:
+            with torch.no_grad():
+                self.item_emb.weight[0].zero_()
 
     @property
     def item_table(self) -> torch.Tensor:
+        if self.item_emb is None:
+            raise AttributeError("this SASRec has no item table of its own (its rows come from a row-sharded table)")
         return self.item_emb.weight
 
     def encode(self, seqs: torch.Tensor, item_embeddings: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,6 +85,8 @@ class SASRec(nn.Module):
         if L > self.maxlen:
             raise ValueError(f"sequence width {L} exceeds model.maxlen {self.maxlen}; truncate on the left")
         pad = seqs == 0
+        if item_embeddings is None and self.item_emb is None:
+            raise ValueError("SASRec without an item table: pass item_embeddings (the rows of seqs)")
         x = self.item_emb(seqs) if item_embeddings is None else item_embeddings
         x = x * math.sqrt(self.hidden)
         pos = torch.arange(self.maxlen - L, self.maxlen, device=seqs.device)
@@ -94,8 +101,8 @@ class SASRec(nn.Module):
             x = block(x, mask) * (~pad).unsqueeze(-1)
         return self.final_ln(x)
 
-    def forward(self, seqs: torch.Tensor) -> torch.Tensor:
-        return self.encode(seqs)
+    def forward(self, seqs: torch.Tensor, item_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encode(seqs, item_embeddings)
 
     def last_hidden(self, seqs: torch.Tensor) -> torch.Tensor:
         """The state at the last (most recent) position of each left-padded sequence: ``[B, d]``."""

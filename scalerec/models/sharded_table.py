@@ -6,8 +6,8 @@ rows a step touches:
 
 * ``lookup(ids)`` fetches the rows a batch needs from their owners (``all_to_all_single``) and, in the
   backward, sends their gradients back to the owners;
-* the distributed losses (``scalerec/losses/distributed.py``) score the queries against the local shard and
-  combine the results with collectives;
+* the sharded losses (``sharded_*`` beside each loss in ``scalerec/losses/``) score the queries against the
+  local shard and combine the results with collectives;
 * the table's own optimizer is row-sparse (row-wise Adagrad, lazy Adam, or SGD): a step touches only the rows
   that received a gradient. The table therefore stays outside DeepSpeed and its dense gradient all-reduce.
 
@@ -16,7 +16,8 @@ Row 0 is the padding item: it is stored nowhere, looks up as zeros and is never 
 (contiguous ranges; the baseline that puts all popular items on rank 0 when ids follow popularity),
 ``snake`` (ids dealt round-robin, every other round backwards, so the rank that got the more popular item
 of one round gets the less popular one of the next: balanced when ids are in popularity order, as in the
-synthetic catalog) and ``popularity`` (items sorted by a popularity count, then dealt like ``snake``). Storage is fp32 or bf16; every computation is done in fp32, tile by tile.
+synthetic catalog) and ``popularity`` (items sorted by a popularity count, then dealt like ``snake``). Storage is
+fp32 or bf16 (fp64 for exactness tests); computation is in fp32 (fp64 for an fp64 table), tile by tile.
 
 With W = 1 (no process group) the table is the plain dense table and every loss accepts it.
 """
@@ -29,12 +30,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from scalerec.models import collectives as coll
+from scalerec.dist import collectives as coll
 from scalerec.ops.row_update import adagrad_rows_
 
 LAYOUTS = ("cyclic", "snake", "block", "popularity")
 OPTIMIZERS = ("adagrad", "adam", "sgd")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp64": torch.float64, "float64": torch.float64}
 _INIT_BLOCK = 1 << 18  # rows per init block; the init of row i depends only on (seed, i), never on W
 
 
@@ -108,7 +110,10 @@ class ShardLayout:
         """Global ids of rank r's local rows ``start..end-1`` (in local order)."""
         n = self.shard_size(r)
         end = n if end is None else min(end, n)
-        loc = torch.arange(start, end, dtype=torch.long)
+        return self.ids_of(r, torch.arange(start, end, dtype=torch.long))
+
+    def ids_of(self, r: int, loc: torch.Tensor) -> torch.Tensor:
+        """Global ids of rank r's local rows ``loc`` (any shape)."""
         if self.kind == "block":
             return loc + r * self.per_block + 1
         if self.kind == "cyclic":
@@ -126,7 +131,7 @@ class ShardLayout:
 
 
 def init_rows(ids: torch.Tensor, dim: int, std: float, seed: int) -> torch.Tensor:
-    """N(0, std^2) rows for global ids, the same for any world size or layout (blocks seeded by (seed, block))."""
+    """N(0, std^2) fp32 rows for global ids, the same for any world size or layout (blocks seeded by (seed, block))."""
     out = torch.empty(ids.numel(), dim)
     if ids.numel() == 0:
         return out
@@ -172,8 +177,9 @@ class ShardedItemTable:
             if dtype not in DTYPES:
                 raise ValueError(f"table.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
             dtype = DTYPES[dtype]
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"table.dtype must be fp32 or bf16, got {dtype}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float64):
+            raise ValueError(f"table.dtype must be fp32, bf16 or fp64, got {dtype}")
+        self.compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.group = group
         self.rank, self.world_size = coll.rank(group), coll.world_size(group)
         self.num_items, self.dim, self.dtype = int(num_items), int(dim), dtype
@@ -200,10 +206,10 @@ class ShardedItemTable:
     def _alloc_state(self) -> None:
         self.state: dict[str, torch.Tensor] = {}
         if self.optimizer == "adagrad":
-            self.state["sum"] = torch.zeros(self.n_local)
+            self.state["sum"] = torch.zeros(self.n_local, dtype=self.compute_dtype)
         elif self.optimizer == "adam":
-            self.state["exp_avg"] = torch.zeros(self.n_local, self.dim)
-            self.state["exp_avg_sq"] = torch.zeros(self.n_local, self.dim)
+            self.state["exp_avg"] = torch.zeros(self.n_local, self.dim, dtype=self.compute_dtype)
+            self.state["exp_avg_sq"] = torch.zeros(self.n_local, self.dim, dtype=self.compute_dtype)
 
     def nbytes(self) -> dict[str, int]:
         """Bytes this rank holds for its rows and their optimizer state."""
@@ -213,6 +219,10 @@ class ShardedItemTable:
     def local_ids(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         return self.layout.shard_ids(self.rank, start, end)
 
+    def global_ids(self, local_idx: torch.Tensor) -> torch.Tensor:
+        """Global item ids of this rank's local rows ``local_idx``."""
+        return self.layout.ids_of(self.rank, local_idx)
+
     def owned(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids > 0) & (self.layout.owner(ids.clamp(min=1)) == self.rank)
 
@@ -220,7 +230,7 @@ class ShardedItemTable:
         """``(start, end, rows_fp32)`` over this rank's rows in tiles of ``tile`` rows."""
         for s in range(0, self.n_local, tile):
             e = min(s + tile, self.n_local)
-            yield s, e, self.weight[s:e].float()
+            yield s, e, self.weight[s:e].to(self.compute_dtype)
 
     # ---------------------------------------------------------------- rows across ranks
     def _fetch(self, ids: torch.Tensor):
@@ -234,31 +244,44 @@ class ShardedItemTable:
         counts = torch.bincount(owners, minlength=self.world_size).tolist()
         recv_ids, recv_counts = coll.exchange(req, counts, self.group)
         local = self.layout.local_index(recv_ids)
-        rows, _ = coll.exchange(self.weight[local].float(), recv_counts, self.group, recv_counts=counts)
-        uniq_rows = torch.zeros(uniq.numel(), self.dim)
+        rows, _ = coll.exchange(self.weight[local].to(self.compute_dtype), recv_counts, self.group,
+                                recv_counts=counts)
+        uniq_rows = torch.zeros(uniq.numel(), self.dim, dtype=self.compute_dtype)
         slot = real.nonzero().squeeze(1)[order]  # where each requested row goes among uniq
         uniq_rows[slot] = rows
         out = uniq_rows[inv].view(*ids.shape, self.dim)
         return out, (inv, slot, counts, recv_counts, local, uniq.numel())
 
-    def _push_grads(self, saved, grad: torch.Tensor) -> None:
+    def send_grads(self, saved, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of rows fetched by ``_fetch`` sent to their owners (collective): returns this rank's
+        ``(local indices, gradient rows)`` of what every rank sent it."""
         inv, slot, counts, recv_counts, local, n_uniq = saved
-        g_uniq = torch.zeros(n_uniq, self.dim).index_add_(0, inv, grad.reshape(-1, self.dim).float())
+        g_uniq = torch.zeros(n_uniq, self.dim, dtype=self.compute_dtype).index_add_(
+            0, inv, grad.reshape(-1, self.dim).to(self.compute_dtype))
         g_back, _ = coll.exchange(g_uniq[slot], counts, self.group, recv_counts=recv_counts)
-        self.accumulate_local(local, g_back)
+        return local, g_back
+
+    def _push_grads(self, saved, grad: torch.Tensor) -> None:
+        self.accumulate_local(*self.send_grads(saved, grad))
+
+    def fetch(self, ids: torch.Tensor):
+        """Rows of ``ids`` (any ids per rank) from their owners, without autograd: ``(rows, handle)``; pass the
+        handle and the rows' gradient to ``send_grads``. Collective."""
+        return self._fetch(ids)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """fp32 rows ``[*ids.shape, d]`` (zeros for id 0), differentiable: gradients go to the owners' rows.
+        """Rows ``[*ids.shape, d]`` in the compute dtype (zeros for id 0), differentiable: gradients go to the
+        owners' rows.
 
         Collective: every rank must call it (with its own ids) the same number of times, and run the backward.
         """
         return _Lookup.apply(self._anchor, self, ids)
 
     def gather_replicated(self, ids: torch.Tensor) -> torch.Tensor:
-        """fp32 rows of ``ids`` when every rank passes the same ids: owners fill theirs, one all-reduce."""
-        buf = torch.zeros(ids.numel(), self.dim)
+        """Rows of ``ids`` when every rank passes the same ids: owners fill theirs, one all-reduce."""
+        buf = torch.zeros(ids.numel(), self.dim, dtype=self.compute_dtype)
         mine = self.owned(ids)
-        buf[mine] = self.weight[self.layout.local_index(ids[mine])].float()
+        buf[mine] = self.weight[self.layout.local_index(ids[mine])].to(self.compute_dtype)
         return coll.all_reduce(buf, "sum", self.group)
 
     def add_replicated_grad(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
@@ -267,9 +290,9 @@ class ShardedItemTable:
         self.accumulate_local(self.layout.local_index(ids[mine]), grad[mine])
 
     def to_dense(self, dst: int | None = None) -> torch.Tensor | None:
-        """The whole ``[C + 1, d]`` fp32 table (row 0 zeros) on every rank (dst=None) — small catalogs only."""
-        full = torch.zeros(self.num_items + 1, self.dim)
-        full[self.local_ids()] = self.weight.float()
+        """The whole ``[C + 1, d]`` table (row 0 zeros, compute dtype) on every rank — small catalogs only."""
+        full = torch.zeros(self.num_items + 1, self.dim, dtype=self.compute_dtype)
+        full[self.local_ids()] = self.weight.to(self.compute_dtype)
         if self.world_size > 1:
             coll.all_reduce(full, "sum", self.group)
         return full
@@ -277,7 +300,7 @@ class ShardedItemTable:
     # ---------------------------------------------------------------- gradients and the optimizer
     def accumulate_local(self, local_idx: torch.Tensor, grad: torch.Tensor) -> None:
         if local_idx.numel():
-            self._grads.append((local_idx, grad.float()))
+            self._grads.append((local_idx, grad.to(self.compute_dtype)))
 
     def zero_grad(self) -> None:
         self._grads = []
@@ -285,16 +308,16 @@ class ShardedItemTable:
     def local_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Coalesced ``(local_indices, grad_rows)`` accumulated since the last step."""
         if not self._grads:
-            return torch.zeros(0, dtype=torch.long), torch.zeros(0, self.dim)
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, self.dim, dtype=self.compute_dtype)
         idx = torch.cat([i for i, _ in self._grads])
         rows = torch.cat([g for _, g in self._grads])
         uniq, inv = torch.unique(idx, return_inverse=True)
-        return uniq, torch.zeros(uniq.numel(), self.dim).index_add_(0, inv, rows)
+        return uniq, torch.zeros(uniq.numel(), self.dim, dtype=self.compute_dtype).index_add_(0, inv, rows)
 
     def dense_grad(self) -> torch.Tensor:
         """This rank's accumulated gradient as a dense ``[C + 1, d]`` tensor of global rows (tests only)."""
         idx, rows = self.local_grad()
-        full = torch.zeros(self.num_items + 1, self.dim)
+        full = torch.zeros(self.num_items + 1, self.dim, dtype=self.compute_dtype)
         full[self.local_ids()[idx] if idx.numel() else idx] = rows
         return full
 
@@ -309,7 +332,7 @@ class ShardedItemTable:
             return 0
         if grad_scale != 1.0:
             g.mul_(grad_scale)
-        w = self.weight[idx].float()
+        w = self.weight[idx].to(self.compute_dtype)
         if self.weight_decay:
             g.add_(w, alpha=self.weight_decay)
         if self.optimizer == "sgd":
@@ -328,26 +351,7 @@ class ShardedItemTable:
         self.weight[idx] = w.to(self.dtype)
         return int(idx.numel())
 
-    # ---------------------------------------------------------------- losses
-    def dispatch_loss(self, name: str, fn: Callable, params: dict[str, Any], hidden: torch.Tensor,
-                      targets: torch.Tensor) -> torch.Tensor:
-        """Called by the loss registry: the row-sharded version of loss ``name`` (W = 1: any loss)."""
-        from scalerec.losses.distributed import DISTRIBUTED_LOSSES
-
-        if hidden.dim() != 2 or hidden.size(1) != self.dim:
-            raise ValueError(f"loss {name!r}: hidden must be [N, {self.dim}], got {tuple(hidden.shape)}")
-        if targets.shape != hidden.shape[:1]:
-            raise ValueError(f"loss {name!r}: targets must be [N]={hidden.shape[0]}, got {tuple(targets.shape)}")
-        if targets.numel() and (int(targets.min()) < 1 or int(targets.max()) > self.num_items):
-            raise ValueError(f"loss {name!r}: target ids must lie in 1..{self.num_items} (0 is padding); "
-                             f"got min {int(targets.min())}, max {int(targets.max())}")
-        if name in DISTRIBUTED_LOSSES:
-            return DISTRIBUTED_LOSSES[name](hidden, self, targets, **params)
-        if self.world_size == 1:
-            return fn(hidden, self.dense_leaf(), targets, **params)
-        raise ValueError(f"loss {name!r} has no row-sharded version; with trainer.workers > 1 use one of "
-                         f"{sorted(DISTRIBUTED_LOSSES)}")
-
+    # ---------------------------------------------------------------- losses without a sharded form
     def dense_leaf(self) -> torch.Tensor:
         """W = 1 only: the table as a dense fp32 leaf whose gradient flows into the row-sparse optimizer."""
         assert self.world_size == 1

@@ -1,6 +1,6 @@
 """``BucketIndex``: SCE's random-bucket search behind the ``MipsIndex`` interface.
 
-SCE (DESIGN.md) finds candidates without an index structure: ``n_buckets`` random directions; for each,
+SCE (docs/losses.md) finds candidates without an index structure: ``n_buckets`` random directions; for each,
 the top ``bucket_size`` items by inner product, found by streaming over the catalog in tiles with a running
 per-bucket top-k (never ``n_buckets x C`` at once). As an index:
 

@@ -12,7 +12,7 @@ def _print_metrics(title: str, metrics: dict, ks=(10, 20)) -> None:
 
 def cmd_train(args) -> int:
     from scalerec.train.config import load_config
-    from scalerec.train.loop import train
+    from scalerec.train.run import train
 
     cfg = load_config(args.config, args.overrides)
     resume = args.resume or (cfg.trainer.resume or None)
@@ -22,20 +22,21 @@ def cmd_train(args) -> int:
         print(json.dumps(result))
     else:
         _print_metrics(f"test ({result['test']['cases']} users, best epoch {result['best_epoch']})", result["test"])
-        print(f"checkpoint: {result['output_dir']}/best.pt")
+        print(f"checkpoint: {result['output_dir']}/best")
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    from scalerec.data.source import DataSource
     from scalerec.eval import evaluate
-    from scalerec.train.checkpoint import check_same_dataset, load_checkpoint
-    from scalerec.train.loop import dataset_from_config
+    from scalerec.train.checkpoint import check_same_data, load_checkpoint
 
-    model, cfg, payload = load_checkpoint(args.checkpoint)
+    model, cfg, info = load_checkpoint(args.checkpoint)
     if args.data:
         cfg.data.path = args.data
-    dataset = dataset_from_config(cfg)
-    check_same_dataset(payload, dataset, args.checkpoint)
+    source = DataSource(cfg)
+    check_same_data(info["state"], source.meta(), args.checkpoint)
+    dataset = source.dataset if source.dataset is not None else source.synthetic
     ks = [int(k) for k in cfg.eval.ks]
     metrics = evaluate(model, dataset, args.split, ks, int(cfg.eval.batch_size), progress=not args.json)
     if args.json:
@@ -51,12 +52,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train SASRec from a YAML config (key=value overrides)")
     p.add_argument("config", help="YAML config, e.g. launch/configs/beauty_demo.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.name=sce trainer.epochs=5")
-    p.add_argument("--resume", default=None, help="checkpoint.pt to resume from")
+    p.add_argument("--resume", default=None, help="checkpoint directory to continue from (OUTPUT_DIR/checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the results last")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="full-ranking metrics of a checkpoint")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/beauty_demo/best")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--data", default=None, help="override the data path stored in the checkpoint")
     p.add_argument("--json", action="store_true")

@@ -26,13 +26,14 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 0.0,
         "patience": 10,
         "seed": 42,
-        "threads": 0,  # 0: leave torch's default
+        "threads": 0,  # per process / worker; 0: torch's default in-process, cpus_per_worker on Ray
         "max_steps_per_epoch": 0,  # 0: whole epoch
         "eval_every": 1,
         "time_budget_s": 0,  # 0: no limit; otherwise stop after the epoch that crosses it
         "workers": 1,  # >1: Ray Train over that many workers (scale-out)
+        "engine": "auto",  # auto | adam (one process) | deepspeed (ZeRO, scaleout.deepspeed); auto: W > 1 -> deepspeed
         "progress": True,
-        "resume": "",  # path of a checkpoint.pt to resume from
+        "resume": "",  # a checkpoint directory to continue from (OUTPUT_DIR/checkpoint)
     },
     "eval": {"ks": [1, 5, 10, 20, 50], "batch_size": 512, "valid_max_cases": 0},
     "output_dir": "runs/default",

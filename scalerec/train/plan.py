@@ -19,7 +19,6 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 RUNTIME_BYTES = 540 * 2**20
 RUNTIME_BEFORE_ENGINE_BYTES = 250 * 2**20
 INIT_ROWS = 1 << 18  # rows initialised at a time (sharded_table._INIT_BLOCK), plus one generator block
-SCAN_ROWS = 1 << 18  # shard rows converted to fp32 at a time by the candidate search (losses/distributed.py)
 
 
 def dense_params(dim: int, maxlen: int, blocks: int) -> int:
@@ -56,14 +55,14 @@ def plan(items: int, dim: int = 64, workers: int = 1, loss: str = "sce", dtype: 
         work = N * dim * 4 * 4 + N * t * 4 * 3 + rows * dim * 4  # H, grads, rows; logits/exp tiles; local grad
     elif loss == "sce":
         k = n_buckets * bucket_size_y
-        work = (N * dim * 4 * 4 + n_buckets * t * 4 * 3 + n_buckets * bucket_size_x * bucket_size_y * 4 * 4
-                + (k + N) * dim * 4 * 3 + workers * k * 12)
+        mine = math.ceil(n_buckets / workers)  # the bucketed CE runs on this rank's buckets only
+        work = (N * dim * 4 * 4 + n_buckets * t * 4 * 3 + mine * bucket_size_x * bucket_size_y * 4 * 4
+                + (mine * bucket_size_y + N) * dim * 4 * 3 + workers * k * 12
+                + t * dim * 4)  # the bf16 shard is converted one scan tile at a time inside the op
     elif loss == "ce_sampled":
         work = N * dim * 4 * 4 + N * num_negatives * (8 + 4 * 4) + (N * (num_negatives + 1)) * dim * 4 * 3
     else:
         raise ValueError(f"--loss must be ce, sce or ce_sampled for a row-sharded table, got {loss!r}")
-    if loss in ("sce", "rece"):  # two fp32 tiles of the shard alive at once (the loop variable and the next)
-        work += 2 * min(SCAN_ROWS, rows) * (dim * 4 + 8)
     out["loss_workspace"] = int(work)
     out["communication"] = int(N * dim * 4 * 2 + 2 * b * maxlen * (dim * 4 + 8) * 2)
     n_init = min(INIT_ROWS, rows)  # transient, before training: fp32 rows, one generator block, the cast

@@ -9,14 +9,15 @@ from typing import Any
 
 SCALEOUT_DEFAULTS: dict[str, Any] = {
     "scaleout": {
-        "table": {"dtype": "fp32", "optimizer": "adagrad", "lr": 0.05, "layout": "snake", "init_std": None},
+        # sharded: auto = row-sharded when trainer.workers > 1 (true / false force it, with any worker count)
+        "table": {"sharded": "auto", "dtype": "fp32", "optimizer": "adagrad", "lr": 0.05, "layout": "snake",
+                  "init_std": None},
         "deepspeed": {"config": "launch/configs/deepspeed_zero2.json", "zero_stage": None},
         "ray": {"address": "", "num_cpus": 0, "cpus_per_worker": 1, "use_gpu": False, "storage_path": "",
                 "name": "", "max_failures": 0},
-        "threads_per_worker": 1,
         "checkpoint_every": 0,  # steps between checkpoints; 0 = at the end of every epoch
         "num_to_keep": 2,
-        "fail_at_step": -1,  # tests: rank 1 dies at this global step on the first attempt
+        "fail_at_step": -1,  # tests: rank 1 (rank 0 at W = 1) dies at this global step on the first attempt
         "test_max_cases": 0,  # 0 = every test case
     }
 }
