@@ -42,7 +42,7 @@ def _ray(world: int):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=max(2, world), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=max(2, world), include_dashboard=False, log_to_driver=False)
 
 
 def equality(dtype: str, steps: int, n_texts: int = 4, tokens: int = 16) -> dict:

@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "recommend": "scalerec.retrieval.commands",
     "encode": "scalerec.llm.commands",
     "decode": "scalerec.llm.commands",
+    "llm-plan": "scalerec.llm.llm_plan",
     "finetune": "scalerec.peft.commands",
 }
 

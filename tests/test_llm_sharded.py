@@ -25,7 +25,7 @@ TINY = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -39,6 +39,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards (partial run)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    # the frozen model sharded over the workers (issue 36: scalerec/llm/sharded_job.py, docs/llm-sharded.md)
+    p.add_argument("--shard-model", choices=["zero3"], default=None,
+                   help="partition the frozen model over the --workers ranks (DeepSpeed ZeRO-3), not a copy each")
+    p.add_argument("--model-config", default=None, help="with --shard-model: a Llama/Qwen config (preset, config.json "
+                   "or folder), random weights seeded by --seed; tokenizer from its folder, else from --model")
     p.set_defaults(func=run_encode)
 
     d = subparsers.add_parser("decode", help="regenerate the texts of an encoding job and report exact-match rates")
@@ -94,6 +99,13 @@ def run_encode(args) -> int:
                    threads=args.threads, dtype=args.dtype, device=args.device, fit=_parse_fit(args),
                    shared_m=shared, text_field=args.text_field, id_field=args.id_field, rule=args.rule,
                    max_attempts=args.max_attempts, max_seconds_per_text=args.max_seconds_per_text)
+    if args.shard_model or args.model_config:  # issue 36: docs/llm-sharded.md
+        from .sharded_job import print_summary, run_sharded_job
+
+        if not args.shard_model:
+            raise ValueError("--model-config needs --shard-model zero3")
+        return print_summary(run_sharded_job(spec, model_config=args.model_config, ray_address=args.address,
+                                             seed=args.seed or 0), args.json)
     summary = run_job(spec, ray_address=args.address, progress=not args.no_progress, max_shards=args.max_shards)
     msg = (f"shards: {summary['written']} written, {summary['skipped']} already done (of {summary['shards']}); "
            f"texts {summary['texts']} ({summary['fitted']} fitted, {summary['exact']} exact, {summary['failed']} failed)")

@@ -165,8 +165,9 @@ class SafetensorsWeights(WeightSource):
         from safetensors import safe_open
 
         key = name if name in self.where else None
-        if key is None and name == "lm_head.weight" and "model.embed_tokens.weight" in self.where:
-            key = "model.embed_tokens.weight"  # tied head saved once
+        tied = {"lm_head.weight": "model.embed_tokens.weight", "model.embed_tokens.weight": "lm_head.weight"}
+        if key is None and tied.get(name) in self.where:
+            key = tied[name]  # tied embedding and head, saved once under either name
         if key is None:
             raise KeyError(f"{self.folder}: no tensor {name!r} in the checkpoint")
         with safe_open(str(self.where[key]), framework="pt") as h:

@@ -40,7 +40,9 @@ def ds_config() -> dict:
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                                   "stage3_model_persistence_threshold": 0, "overlap_comm": False,
                                   "stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0,
-                                  "stage3_max_live_parameters": 0}}
+                                  "stage3_max_live_parameters": 0,
+                                  # keep torch's F.linear (ZeRO's replacement is its own autograd function)
+                                  "memory_efficient_linear": False}}
 
 
 @dataclass
@@ -74,15 +76,20 @@ class ShardedLM:
         """``fit_step.fit_logits`` for the partitioned model: the same inputs and the same arithmetic, with the sink
         row taken from :attr:`sink` (the embedding table itself is partitioned)."""
         B, _, d = xin.shape
-        s = [] if self.sink is None else [self.sink.to(xin.dtype).view(1, 1, d).expand(B, 1, d)]
-        ns = len(s)
         if mode == "one-step":
             m = xin[:, 1:2, :] if shared_m is None else shared_m
-            inputs = torch.cat(s + [xin[:, 0:1, :], m.expand(B, L - 1, d)], dim=1)
-            return self.model(inputs_embeds=inputs, use_cache=False).logits[:, ns:, :].float()
-        inputs = torch.cat(s + [xin, tok_prev], dim=1)
+            inner = torch.cat([xin[:, 0:1, :], m.expand(B, L - 1, d)], dim=1)
+        else:
+            inner = torch.cat([xin, tok_prev], dim=1)
+        # the same two concatenations as inputs.one_step_inputs / with_sink, so the autograd graph of the inputs is
+        # the unsharded one's
+        ns = 0 if self.sink is None else 1
+        inputs = inner if not ns else torch.cat([self.sink.to(xin.dtype).view(1, 1, d).expand(B, 1, d), inner], dim=1)
+        logits = self.model(inputs_embeds=inputs, use_cache=False).logits
+        if mode == "one-step":
+            return logits[:, ns:, :].float()
         off = ns + xin.shape[1] - 1
-        return self.model(inputs_embeds=inputs, use_cache=False).logits[:, off: off + L, :].float()
+        return logits[:, off: off + L, :].float()
 
     def init_vectors(self, n_vectors: int, cfg: FitConfig, toks: list[int], restart: int = 0) -> torch.Tensor:
         """``fit_config._init_vectors`` with the table's statistics computed once: [n_vectors, d] float32."""

@@ -215,7 +215,8 @@ def ensure_ray(world: int, threads: int, address: str | None = None) -> bool:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+        # address="local": a fresh Ray of our own, even when another (e.g. `ray start`) runs on this machine
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
     return True
 
 
@@ -409,3 +410,17 @@ def fit_on_group(actors: list, token_lists: list[list[int]], mode: str, n_vector
         for j, i in enumerate(range(r, len(token_lists), W)):
             res[i], losses[i] = rr[j], log[j]
     return res, losses
+
+
+def print_summary(summary: dict, as_json: bool = False) -> int:
+    """``scalerec encode --shard-model``'s report (one JSON line with ``--json``); the exit code."""
+    import json
+    import sys
+
+    msg = (f"sharded over {summary['workers']} ranks: shards {summary['written']} written, {summary['skipped']} "
+           f"already done (of {summary['shards']}); texts {summary['texts']} ({summary['fitted']} fitted, "
+           f"{summary['exact']} exact, {summary['failed']} failed); {summary['attempts']} group(s) formed")
+    print(msg, file=sys.stderr if as_json else sys.stdout)
+    if as_json:
+        print(json.dumps(summary))
+    return 0
