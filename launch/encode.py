@@ -20,17 +20,24 @@ from launch.cluster_auth import refusal, refusal_in
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the cluster check comes before importing the encoder (~10 s of torch/transformers on 2 busy cores)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--address", default=None)
+    pre.add_argument("--estimate", action="store_true")
+    pre.add_argument("-h", "--help", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    address = known.address or os.environ.get("RAY_ADDRESS", "")
+    refused = None if known.estimate or known.help else refusal(address)  # a cluster wanting a token we lack
+    if refused:
+        print(f"launch.encode: error: {refused}", file=sys.stderr)
+        return 2
     from scalerec.llm import commands
 
     parser = argparse.ArgumentParser(prog="python -m launch.encode")
     sub = parser.add_subparsers(dest="command")
     commands.add_parser(sub)
-    args = parser.parse_args(["encode", *(sys.argv[1:] if argv is None else argv)])
-    address = args.address or os.environ.get("RAY_ADDRESS", "")
-    refused = None if args.estimate else refusal(address)  # a cluster that wants a token this process lacks
-    if refused:
-        print(f"launch.encode: error: {refused}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(["encode", *argv])
     try:
         return int(args.func(args) or 0)
     except Exception as exc:

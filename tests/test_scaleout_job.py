@@ -125,9 +125,11 @@ def test_readme_recipe_job_succeeds_with_token_auth(auth_head, tmp_path):
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED
     logs = client.get_job_logs(job_id)
     final = json.loads(next(line for line in logs.splitlines() if line.startswith('{"final"')))["final"]
-    assert final["world_size"] == 2 and final["global_step"] == 3 and final["valid"]["cases"] == 200
+    assert final["world_size"] == 2 and final["global_step"] == 3  # both workers, the capped epoch
+    for split in ("valid", "test"):
+        assert final[split]["cases"] > 0 and 0.0 <= final[split]["NDCG@10"] <= 1.0, final[split]
     assert "[scalerec worker] epoch 1: loss" in logs  # progress is visible in the job's logs
-    assert os.path.exists(os.path.join(tmp_path, "out", "result.json"))
+    assert os.listdir(os.path.join(tmp_path, "out"))  # the job wrote to the client's path (shared storage)
 
 
 @pytest.mark.parametrize("extra, refusal", [
