@@ -99,6 +99,22 @@ def _new_state(W: int) -> dict:
             "elapsed": 0.0, "world_size": W}
 
 
+def _carry_best(ckpt_dir: str, out_dir: str, state: dict, rank: int, run) -> None:
+    """A run resumed into another output directory takes the ``best/`` that sits beside its checkpoint; with
+    none to be found, the best so far is forgotten, so the next validation writes a new ``best/``."""
+    import shutil
+
+    mine, theirs = os.path.join(out_dir, "best"), os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "best")
+    if os.path.isdir(mine):
+        return
+    if os.path.isdir(theirs):
+        if rank == 0:
+            shutil.copytree(theirs, mine)
+        run.barrier()
+    else:
+        state["best"], state["best_epoch"], state["bad_epochs"] = -1.0, 0, 0
+
+
 def fit(cfg, run, dataset=None, log=print) -> dict:
     """Train per ``cfg`` as rank ``run.rank`` of ``run.world_size``; returns (on every rank) ``best_epoch``,
     ``valid``, ``test``, ``epochs``, ``global_step``, ``seconds``, ``output_dir`` and the run's figures."""
@@ -130,6 +146,7 @@ def fit(cfg, run, dataset=None, log=print) -> dict:
             state.update({k: saved[k] for k in _new_state(W) if k in saved}, world_size=W)
             same_world = saved["world_size"] == W
             restored_from = saved["global_step"]
+            _carry_best(d, out_dir, state, rank, run)
             if rank == 0:
                 log(f"resumed from {d} at epoch {state['epoch']} step {state['step']} (written at W={saved['world_size']})")
         else:
