@@ -58,8 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    from scalerec.extras import MissingExtra
+
     try:
         return int(args.func(args) or 0)
+    except MissingExtra as exc:  # one line naming the extra to install
+        print(exc, file=sys.stderr)
+        return 1
     except (UserError, ValueError, FileNotFoundError) as exc:
         print(f"scalerec {args.command}: error: {exc}", file=sys.stderr)
         return 2

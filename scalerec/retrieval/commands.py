@@ -142,7 +142,7 @@ def cmd_recommend(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("recommend", help="top-k recommendations for users' histories, through a MIPS index")
-    p.add_argument("checkpoint", help="a scalerec checkpoint (best.pt / checkpoint.pt)")
+    p.add_argument("checkpoint", help="a scalerec checkpoint directory (e.g. runs/beauty_demo/best)")
     p.add_argument("--users", required=True, help="users' histories: user_seq / user_item / csv / parquet file")
     p.add_argument("--format", default=None, help="format of --users (default: detect from the file)")
     p.add_argument("--k", type=int, default=10)
