@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,6 +99,7 @@ def auth_head():
     assert ready.stdout.startswith(f"ready: {url} accepts jobs"), ready.stdout
     yield SimpleNamespace(url=url, gcs=f"127.0.0.1:{gcs}", env=env, client_env=client_env, token=token, home=home)
     _stop(head)
+    shutil.rmtree(tmp, ignore_errors=True)  # the session's logs and the token
 
 
 def _jobs(head):
