@@ -27,10 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="YAML config (see launch/configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.workers=2")
     args = p.parse_args(argv)
-    from scalerec.train.ray_trainer import ScaleOutConfigError, load_scaleout_config, run_distributed
+    from scalerec.train.config import load_config
+    from scalerec.train.run import RunConfigError, train
 
     try:
-        cfg = load_scaleout_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as exc:
         print(f"launch.train: error: {exc}", file=sys.stderr)
         return 2
@@ -41,13 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch.train: error: {refused}", file=sys.stderr)
         return 2
     try:
-        if on_ray:
-            result = run_distributed(cfg)
-        else:
-            from scalerec.train.loop import train
-
-            result = train(cfg)
-    except ScaleOutConfigError as exc:
+        result = train(cfg)  # trainer.workers > 1 or a Ray address: Ray Train workers; else this process
+    except RunConfigError as exc:
         print(f"launch.train: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
