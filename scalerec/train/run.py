@@ -48,7 +48,6 @@ def validate_run(cfg, num_items: int, cluster_cpus: float | None = None) -> None
     for key, allowed in (("dtype", sorted(DTYPES)), ("optimizer", OPTIMIZERS), ("layout", LAYOUTS)):
         if str(t[key]) not in allowed:
             raise RunConfigError(f"scaleout.table.{key} must be one of {tuple(allowed)}, got {t[key]!r}")
-    loss_from_config(cfg)  # unknown loss parameters
     name = str(cfg.loss.name)
     if sharded and W > 1 and not has_sharded_form(name):
         from scalerec.losses.registry import available_losses
@@ -56,6 +55,7 @@ def validate_run(cfg, num_items: int, cluster_cpus: float | None = None) -> None
         ok = [n for n in available_losses() if has_sharded_form(n)]
         raise RunConfigError(f"loss.name {name!r} has no row-sharded form; with scaleout.table.sharded and "
                              f"trainer.workers > 1 use one of {ok}")
+    loss_from_config(cfg)  # unknown loss parameters
     if stage == 3 and not sharded:
         raise RunConfigError("scaleout.deepspeed.zero_stage=3 partitions the module's parameters, which a loss "
                              "over a dense item table reads outside the forward: use scaleout.table.sharded=true")

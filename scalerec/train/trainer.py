@@ -279,7 +279,7 @@ def fit(cfg, run, dataset=None, log=print) -> dict:
         if parts.sharded:
             parts.table.load(best_dir)
     test = evaluate("test", int(cfg.scaleout.test_max_cases) or None)
-    valid = evaluate("valid", None)
+    valid = evaluate("valid", vmax)  # the cases that chose the best epoch (eval.valid_max_cases; 0: all)
     result = {"best_epoch": state["best_epoch"], "epochs": int(state["epoch"]) - 1, "global_step": state["global_step"],
               "seconds": round(state["elapsed"], 2), "valid": valid, "test": test, "output_dir": out_dir,
               "loss": str(cfg.loss.name), "world_size": W, "table_sharded": parts.sharded,
