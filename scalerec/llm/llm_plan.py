@@ -11,7 +11,9 @@ and again for its backward, released right after; no prefetch; no gradient or op
 * step time = compute + communication (CPU ranks: the gloo gathers block, no overlap) or the larger of the two (GPU
   ranks, NCCL overlaps with compute): compute ≈ 2 forward passes (the backward computes input gradients only, no
   weight gradients) ≈ ``4·N_layers·B·T + 4·V·d·B·L`` FLOPs at the rank's effective FLOP/s; communication = every
-  parameter received twice a step, ``2·N·b·(W-1)/W`` bytes at the rank's all-gather bandwidth.
+  parameter received twice a step, ``2·N·b·(W-1)/W`` bytes at the rank's all-gather bandwidth, plus a fixed cost per
+  gathered tensor (two gathers of each of the ~9 tensors a layer: DeepSpeed's hooks and the ranks' rendezvous;
+  on a busy shared CPU this term dominates).
 
 Data parallel (``W`` whole copies) is the same with ``W = 1`` per worker and no communication, so it is faster
 whenever the model fits one worker; sharding is for models that do not (the crossover is memory, not speed).
@@ -41,6 +43,7 @@ class Hardware:
     gather_gbs: float
     runtime_gb: float
     overlap: bool
+    gather_latency_s: float = 0.0   # fixed cost of one parameter's all-gather (hooks, rendezvous)
 
     def flops_for(self, b: int) -> float:
         return self.flops.get(b, self.flops[4])
@@ -49,12 +52,13 @@ class Hardware:
 HARDWARE = {
     # one thread of this project's 2-core CPU machine (benchmarks/llm_sharded.py --section calibrate measures them:
     # an fp32 matmul of the fitting step's shapes, and a gloo all-gather between two local processes)
-    "cpu": Hardware("cpu (1 thread, gloo)", "cpu", 64.0, {4: 3.0e10, 8: 1.5e10, 2: 0.6e10}, 1.0, 0.75, False),
+    "cpu": Hardware("cpu (1 thread, gloo)", "cpu", 64.0, {4: 3.0e10, 8: 1.5e10, 2: 0.6e10}, 1.0, 0.75, False,
+                    0.018),
     # datasheet dense peaks x 0.4 (fp32 as TF32 tensor cores x 0.4 too); NVLink all-gather ~ 200 / 150 GB/s a rank
     "h100-80gb": Hardware("NVIDIA H100 80 GB (NVLink)", "gpu", 80.0, {4: 0.4 * 495e12, 2: 0.4 * 989e12,
-                                                                       8: 0.4 * 67e12}, 200.0, 2.0, True),
+                                                                       8: 0.4 * 67e12}, 200.0, 2.0, True, 5e-5),
     "a100-80gb": Hardware("NVIDIA A100 80 GB (NVLink)", "gpu", 80.0, {4: 0.4 * 156e12, 2: 0.4 * 312e12,
-                                                                       8: 0.4 * 19.5e12}, 150.0, 2.0, True),
+                                                                       8: 0.4 * 19.5e12}, 150.0, 2.0, True, 5e-5),
 }
 
 
@@ -93,7 +97,8 @@ def plan(config, world: int, batch: int, tokens: int, dtype: str = "float32", ha
     mem = hw.runtime_gb * gb + partition + gathered + act + logits
     fl = 4 * (N - n_emb) * batch * T + 4 * V * d * batch * tokens
     compute_s = fl / hw.flops_for(b)
-    comm_s = 2 * N * b * (W - 1) / W / (hw.gather_gbs * gb) if W > 1 else 0.0
+    n_tensors = nl * 9 + (1 if config.tie_word_embeddings else 2) + 1  # 7 matrices + 2 norms a layer (Llama)
+    comm_s = (2 * N * b * (W - 1) / W / (hw.gather_gbs * gb) + 2 * n_tensors * hw.gather_latency_s) if W > 1 else 0.0
     step_s = max(compute_s, comm_s) if hw.overlap else compute_s + comm_s
     return {"params": N, "params_b": round(N / 1e9, 3), "dtype": dtype, "world": world, "sharded": sharded,
             "batch": batch, "tokens": tokens, "positions": T, "hardware": hw.name,

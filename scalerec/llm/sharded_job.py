@@ -179,7 +179,11 @@ def start_group(world: int, source: ModelSource | None, threads: int = 1) -> lis
     import ray
 
     _check_cpus(world, threads)
-    Actor = ray.remote(num_cpus=threads)(RankActor)
+    # every allocation of 128 KiB and more is its own mapping, returned to the OS when freed: a rank gathers and
+    # frees each layer's parameters twice a step, and glibc's heap otherwise keeps the freed pieces (RSS far above
+    # what is live)
+    env = {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
+    Actor = ray.remote(num_cpus=threads, runtime_env={"env_vars": env})(RankActor)
     actors = [Actor.remote(threads) for _ in range(world)]
     addr, port, _ = ray.get(actors[0].address.remote())
     ray.get([a.join.remote(r, world, addr, port) for r, a in enumerate(actors)])
