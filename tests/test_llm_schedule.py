@@ -125,6 +125,7 @@ def test_estimate_interpolates_and_refuses_to_guess(tmp_path):
     cal = load_calibration("tiny", tmp_path / "cal.json")
     assert cal == p and json.loads((tmp_path / "cal.json").read_text())["figures"]["one-step"]["16"]["exact"] == 4
     est = estimate(cal, "one-step", [8, 24, 32, 40, None])
+    assert est["calibration_texts"] == {16: 4, 32: 4}
     assert est["texts"] == 5 and est["failed"] == 1 and est["uncalibrated"] == 1 and est["calibrated"] == 3
     # 8 -> (1.0, 10 s), 24 -> (0.75, 30 s), 32 -> (0.5, 50 s)
     assert est["expected_exact"] == pytest.approx(2.25) and est["expected_seconds"] == pytest.approx(90.0)

@@ -138,7 +138,7 @@ def run_estimate(args) -> int:
     line = (f"{est['texts']} texts ({est['failed']} would fail, {est['uncalibrated']} beyond the calibrated "
             f"lengths {est['calibrated_lengths']}): expected exact rate {est['expected_exact_rate']}, "
             f"{est['expected_seconds_per_text']} s per text, {est['expected_seconds']} s in all (one worker, the "
-            f"calibration's machine)")
+            f"calibration's machine; held-out texts behind each calibrated length: {est['calibration_texts']})")
     for b, c in est["by_length"].items():
         line += (f"\n  {b:>8} tokens: {c['texts']} texts, expected exact rate {c['expected_exact_rate']}, "
                  f"{c['expected_seconds_per_text']} s per text")

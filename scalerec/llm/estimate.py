@@ -113,7 +113,8 @@ def estimate(calibration: dict, mode: str, lengths: list[int | None]) -> dict:
         d["expected_exact"] = round(d["expected_exact"], 2)
         d["expected_seconds"] = round(d["expected_seconds"], 1)
     calibrated = sorted(int(k) for k in fig)
-    return {"mode": mode, "model": calibration.get("model"), "calibrated_lengths": calibrated, **tot,
+    return {"mode": mode, "model": calibration.get("model"), "calibrated_lengths": calibrated,
+            "calibration_texts": {n: fig[str(n)]["texts"] for n in calibrated}, **tot,
             "by_length": dict(sorted(buckets.items(), key=lambda kv: _bucket_order(kv[0])))}
 
 
