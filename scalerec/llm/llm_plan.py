@@ -4,7 +4,9 @@ whole on every worker (data parallel), for CPU and GPU ranks: ``scalerec llm-pla
 The model of one rank (``scalerec.llm.sharded``: every parameter partitioned, gathered for its module's forward
 and again for its backward, released right after; no prefetch; no gradient or optimizer state for the model):
 
-* memory = runtime (libraries; a CUDA context on a GPU) + the rank's partition ``N·b/W`` + the gathered working set
+* memory = the larger of loading (runtime + partition + three copies of the largest tensor on rank 0: the source
+  tensor, its converted copy, the gathered parameter) and fitting:
+  runtime (libraries; a CUDA context on a GPU) + the rank's partition ``N·b/W`` + the gathered working set
   (the largest parameter, twice: the gathered tensor and the collective's buffer) + the activations a backward
   needs (per layer and position ``8·d + 2·d_kv + 4·f`` values, Llama-like) + the logits (float32, three copies:
   the cast, the softmax, its gradient) + the per-text vectors (negligible);
@@ -94,7 +96,10 @@ def plan(config, world: int, batch: int, tokens: int, dtype: str = "float32", ha
     act = batch * T * nl * (8 * d + 2 * kv + 4 * f) * b
     logits = batch * tokens * V * 4 * 3
     gb = 1e9
-    mem = hw.runtime_gb * gb + partition + gathered + act + logits
+    fit_mem = hw.runtime_gb * gb + partition + gathered + act + logits
+    # loading: rank 0 holds the source tensor and its converted copy beside the gathered parameter
+    build = hw.runtime_gb * gb + partition + 3 * largest * b
+    mem = max(fit_mem, build)
     fl = 4 * (N - n_emb) * batch * T + 4 * V * d * batch * tokens
     compute_s = fl / hw.flops_for(b)
     n_tensors = nl * 9 + (1 if config.tie_word_embeddings else 2) + 1  # 7 matrices + 2 norms a layer (Llama)
@@ -102,7 +107,8 @@ def plan(config, world: int, batch: int, tokens: int, dtype: str = "float32", ha
     step_s = max(compute_s, comm_s) if hw.overlap else compute_s + comm_s
     return {"params": N, "params_b": round(N / 1e9, 3), "dtype": dtype, "world": world, "sharded": sharded,
             "batch": batch, "tokens": tokens, "positions": T, "hardware": hw.name,
-            "mem_gb": {"total": mem / gb, "runtime": hw.runtime_gb, "partition": partition / gb,
+            "mem_gb": {"total": mem / gb, "fit": fit_mem / gb, "build": build / gb, "runtime": hw.runtime_gb,
+                       "partition": partition / gb,
                        "gathered": gathered / gb, "activations": act / gb, "logits": logits / gb},
             "fits": mem <= hw.mem_gb * gb, "rank_mem_gb": hw.mem_gb,
             "step_s": step_s, "compute_s": compute_s, "comm_s": comm_s, "step_flops": fl,
