@@ -1,12 +1,11 @@
 """Fitting with the frozen model sharded over Ray workers (ZeRO-3, scalerec.llm.sharded): equality with the
-unsharded fit on the real SmolLM2-135M GGUF, per-rank memory of a >= 1.5B Llama config at W = 1 vs 2 against the
-plan, texts/hour (sharded vs data-parallel), slot refill vs fixed batches.
+unsharded fit on the real SmolLM2-135M GGUF; per-rank peak RSS, build time and step time of a >= 1.5B Llama config
+at W = 1 vs 2 against the plan (scalerec.llm.llm_plan). (Job-level throughput and slot refill vs fixed batches are
+not measured by this script yet.)
 
     python benchmarks/llm_sharded.py --quick                        # equality, float32, 4 texts x 10 steps
     python benchmarks/llm_sharded.py --sections equality --dtype float64 --steps 50
     python benchmarks/llm_sharded.py --sections memory --model-config smollm2-1.7b
-    python benchmarks/llm_sharded.py --sections throughput
-    python benchmarks/llm_sharded.py --sections refill
 
 Every section starts its own Ray actors (1 thread each) and prints what it measured; the run ends with ONE JSON line.
 """
@@ -163,7 +162,7 @@ def memory(model_config: str, worlds=(1, 2), batch: int = 2, tokens: int = 16, s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="equality only, float32, 10 steps")
-    ap.add_argument("--sections", default="equality", help="comma list: equality, memory, throughput, refill")
+    ap.add_argument("--sections", default="equality", help="comma list: equality, memory")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--model-config", default="smollm2-1.7b")
@@ -172,6 +171,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     sections = ["equality"] if args.quick else [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - {"equality", "memory"})
+    if unknown:
+        ap.error(f"unknown sections {unknown}: equality, memory")
     result = {"sections": sections, "threads_per_rank": 1}
     if "equality" in sections:
         result["equality"] = equality(args.dtype, 10 if args.quick else args.steps)
