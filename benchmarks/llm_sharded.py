@@ -168,6 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model-config", default="smollm2-1.7b")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--worlds", default="1,2", help="memory: the W to measure, e.g. 1,2")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     sections = ["equality"] if args.quick else [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -178,7 +179,8 @@ def main(argv=None) -> int:
     if "equality" in sections:
         result["equality"] = equality(args.dtype, 10 if args.quick else args.steps)
     if "memory" in sections:
-        result["memory"] = memory(args.model_config, batch=args.batch, tokens=args.tokens)
+        result["memory"] = memory(args.model_config, worlds=tuple(int(w) for w in args.worlds.split(",")),
+                                  batch=args.batch, tokens=args.tokens)
     print(json.dumps(result))
     return 0
 
