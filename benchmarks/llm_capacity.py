@@ -271,7 +271,8 @@ def ray_scaling(model: str, n_texts: int, n_tokens: int, steps: int, log=print) 
         del lm
         for w in (1, 2):
             spec = JobSpec(model=model, input=str(inp), output=str(Path(tmp) / f"out{w}"), shard_size=max(1, n_texts // 4),
-                           batch_size=8, workers=w, threads=1, fit={"max_steps": steps, "target_accuracy": 2.0})
+                           batch_size=8, workers=w, threads=1, fit={"max_steps": steps, "target_accuracy": 2.0},
+                           max_attempts=1)  # a fixed budget per text: no escalation, as the timing assumes
             s = run_job(spec, progress=False)
             out[w] = {"seconds": round(s["seconds"], 1), "texts_per_hour": round(s["texts_per_hour"], 1)}
             log(f"[ray] workers={w}: {out[w]}")
