@@ -376,7 +376,8 @@ def run_job(spec: JobSpec, ray_address: str | None = None, progress: bool = True
         if ray_address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=ray_address)  # a cluster (`ray job submit` sets RAY_ADDRESS)
         else:
-            ray.init(num_cpus=max(spec.workers * spec.threads, 1), include_dashboard=False,
+            # address="local": a new in-process cluster, never one that `ray start` left on this machine
+            ray.init(address="local", num_cpus=max(spec.workers * spec.threads, 1), include_dashboard=False,
                      log_to_driver=False)
         started_here = True
     t0 = time.perf_counter()
