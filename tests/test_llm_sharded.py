@@ -25,7 +25,9 @@ TINY = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # 4 logical CPUs: the module's tiny_group holds 2 actors while a job test starts 2 more (with 2, the job's
+    # actors waited for CPUs forever: a hang in the full suite)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -202,8 +204,8 @@ def test_sharded_bad_input_one_clear_error(ray_local, char_model, tmp_path):
     bad.write_text('{"model_type": "gpt2"}')
     with pytest.raises(ValueError, match="bad.json: field 'model_type' is 'gpt2'"):
         run_sharded_job(spec, model_config=str(bad))
-    many = JobSpec(**{**spec.__dict__, "model": None, "workers": 3})
-    with pytest.raises(ValueError, match="--workers 3 × --threads 1 need 3 CPUs, the Ray cluster has 2"):
+    many = JobSpec(**{**spec.__dict__, "model": None, "workers": 5})
+    with pytest.raises(ValueError, match="--workers 5 × --threads 1 need 5 CPUs, the Ray cluster has 4"):
         run_sharded_job(many, model_config=str(char_model))
 
 
