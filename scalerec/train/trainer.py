@@ -105,9 +105,11 @@ def _carry_best(ckpt_dir: str, out_dir: str, state: dict, rank: int, run) -> Non
     import shutil
 
     mine, theirs = os.path.join(out_dir, "best"), os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "best")
-    if os.path.isdir(mine):
+    has_mine, has_theirs = os.path.isdir(mine), os.path.isdir(theirs)
+    run.barrier()  # every rank decides from the same state of the files, before rank 0 copies anything
+    if has_mine:
         return
-    if os.path.isdir(theirs):
+    if has_theirs:
         if rank == 0:
             shutil.copytree(theirs, mine)
         run.barrier()
