@@ -251,12 +251,8 @@ class ShardFitter:
                 row["error"] = f"{rec.source}: tokenizer failed: {exc}"
                 continue
             row["token_ids"], row["n_tokens"] = toks, len(toks)
-            if not toks:
-                row["error"] = f"{rec.source}: field {spec.text_field!r} has no tokens"
-            elif len(toks) + extra > lm.max_positions:
-                row["error"] = (f"{rec.source}: {len(toks)} tokens exceed the model context of "
-                                f"{lm.max_positions} positions")
-            else:
+            row["error"] = token_error(rec, toks, lm, extra, spec.text_field)
+            if row["error"] is None:
                 todo.append((j, toks))
         # the length rule and the escalation ladder; texts of one setting are fitted in batches of similar length
         res = encode_texts(lm, [t for _, t in todo], mode=spec.mode, n_mem=spec.n_mem, shared_m=self.shared_m,
@@ -315,6 +311,15 @@ def check_fit_settings(spec: JobSpec) -> None:
         raise ValueError(f"max_seconds_per_text must be > 0, got {spec.max_seconds_per_text!r}")
     for k in range(1, n + 1):
         FitConfig(**attempt_settings(16, spec.mode, k, fit, spec.rule))
+
+
+def token_error(rec, toks: list[int], lm, extra: int, text_field: str) -> str | None:
+    """Why a text's tokens cannot be fitted (none, or longer than the model's context), or None."""
+    if not toks:
+        return f"{rec.source}: field {text_field!r} has no tokens"
+    if len(toks) + extra > lm.max_positions:
+        return f"{rec.source}: {len(toks)} tokens exceed the model context of {lm.max_positions} positions"
+    return None
 
 
 def fit_kwargs(fit: dict) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .jobs import (JobSpec, _install_shared_m, file_fingerprint, fit_kwargs, plan_shards, read_records,
+from .jobs import (JobSpec, _install_shared_m, file_fingerprint, fit_kwargs, plan_shards, read_records, token_error,
                    shard_path, write_manifest, write_shard_atomic)
 
 
@@ -267,12 +267,8 @@ def _fit_rank(lm, work: RankWork) -> dict:
                 continue
             toks = lm.encode(rec.text)
             row["token_ids"], row["n_tokens"] = toks, len(toks)
-            if not toks:
-                row["error"] = f"{rec.source}: field {spec.text_field!r} has no tokens"
-            elif len(toks) + extra > lm.max_positions:
-                row["error"] = (f"{rec.source}: {len(toks)} tokens exceed the model context of "
-                                f"{lm.max_positions} positions")
-            else:
+            row["error"] = token_error(rec, toks, lm, extra, spec.text_field)
+            if row["error"] is None:
                 todo.append((k, j, toks))
         left[k] = sum(1 for t in todo if t[0] == k)
     summary = {"written": 0, "texts": 0, "fitted": len(todo), "failed": 0, "exact": 0,
